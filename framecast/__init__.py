@@ -1,0 +1,1 @@
+"""framecast: tiny text-to-video diffusion toolkit."""
