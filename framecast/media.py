@@ -1,0 +1,86 @@
+"""Writing what users look at: sample videos (gif + mp4), grids, and loss curves (png)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+
+
+def to_uint8(video: Tensor, scale: int = 1) -> np.ndarray:
+    """[F, 3, H, W] in [-1, 1] -> [F, H*scale, W*scale, 3] uint8 (nearest upscaling keeps sprites crisp)."""
+    if video.ndim != 4 or video.shape[1] != 3:
+        raise ValueError(f"expected an RGB video [F, 3, H, W], got {tuple(video.shape)}")
+    v = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    v = v.permute(0, 2, 3, 1).cpu().numpy()
+    if scale > 1:
+        v = v.repeat(scale, axis=1).repeat(scale, axis=2)
+    return v
+
+
+def grid(videos: Tensor, ncol: int | None = None, pad: int = 1) -> Tensor:
+    """[N, F, 3, H, W] -> one video [F, 3, H', W'] with the N videos tiled (white 1-px separators)."""
+    N, F, C, H, W = videos.shape
+    ncol = ncol or math.ceil(math.sqrt(N))
+    nrow = math.ceil(N / ncol)
+    out = torch.ones(F, C, nrow * (H + pad) + pad, ncol * (W + pad) + pad)
+    for i in range(N):
+        r, c = divmod(i, ncol)
+        y, x = pad + r * (H + pad), pad + c * (W + pad)
+        out[:, :, y:y + H, x:x + W] = videos[i].float().cpu()
+    return out
+
+
+def write_video(video: Tensor, path: str | Path, fps: int = 8, scale: int = 4) -> Path:
+    """Write [F, 3, H, W] in [-1, 1] as .gif (Pillow) or .mp4 (imageio-ffmpeg's bundled ffmpeg)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = to_uint8(video, scale)
+    if path.suffix == ".gif":
+        from PIL import Image
+
+        imgs = [Image.fromarray(f) for f in frames]
+        imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
+    elif path.suffix == ".mp4":
+        import imageio.v2 as imageio
+
+        # yuv420p needs even sizes; pad by one pixel where necessary
+        H, W = frames.shape[1:3]
+        frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)))
+        with imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=1,
+                                ffmpeg_log_level="error") as w:
+            for f in frames:
+                w.append_data(f)
+    else:
+        raise ValueError(f"unsupported video format {path.suffix!r}; use .gif or .mp4")
+    return path
+
+
+def plot_metrics(jsonl: str | Path, out: str | Path, keys: tuple[str, ...] = ("loss",)) -> Path | None:
+    """Loss curves from a metrics.jsonl; returns None when there is nothing to plot."""
+    rows = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "step" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=110)
+    for key in sorted({k for r in rows for k in r if k.endswith(keys)}):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*pts), label=key, lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return Path(out)

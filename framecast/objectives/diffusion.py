@@ -1,0 +1,73 @@
+"""Flow matching for Stage 0 (bidirectional) and Stage 1 (AR diffusion), spec §4.
+
+    x_s = (1 - s) x0 + s eps,  target v* = eps - x0,  L = mean_{B,F}[ w(s_f) mean_{C,H,W} (v - v*)^2 ]
+
+* bidirectional (Stage 0): one sigma per video, full attention.
+* teacher_forcing (Stage 1, TF): one sigma per block, packed [clean ; noisy] forward under the TF mask, so
+  each noisy block sees the clean ground-truth prefix, exactly the conditional used at inference (P1 Prop. 3.4).
+* diffusion_forcing (Stage 1, DF baseline): one sigma per block on the noisy sequence under the block-causal
+  mask, so context is noisy in training but clean at inference (the mismatch P1 Prop. 3.4 describes).
+
+The weight w is the Stage-1 bell (flow.bell_weight, zero at sigma = 1) or uniform. Caption dropout
+replaces a fraction of prompts by the null prompt so CFG has an unconditional branch to use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import flow
+from ..config import FlowConfig, ObjectiveConfig
+from ..data.batch import Batch
+from ..models.attention import AttentionPlan
+from ..models.conditioning import Cond
+from ..models.denoiser import Denoiser
+from . import Losses
+
+MODES = ("bidirectional", "teacher_forcing", "diffusion_forcing")
+
+
+def plan_for_mode(mode: str, obj: ObjectiveConfig) -> AttentionPlan:
+    if mode == "bidirectional":
+        return AttentionPlan("bidirectional")
+    kind = {"teacher_forcing": "teacher_forcing", "diffusion_forcing": "block_causal"}[mode]
+    return AttentionPlan(kind, obj.block_size, obj.window, obj.sink)
+
+
+def drop_text(cond: Cond, null: Cond, p: float, generator: torch.Generator) -> Cond:
+    """Replace the prompt of each sample by the null prompt with probability p (CFG training)."""
+    if p <= 0:
+        return cond
+    drop = torch.rand(cond.batch, generator=generator) < p  # [B]
+    text = torch.where(drop[:, None, None].to(cond.text.device), null.text, cond.text)
+    return Cond(text, cond.actions)
+
+
+class FlowMatching:
+    def __init__(self, model: Denoiser, flow_cfg: FlowConfig, obj: ObjectiveConfig) -> None:
+        if obj.mode not in MODES:
+            raise ValueError(f"unknown diffusion mode {obj.mode!r}; choose one of {MODES}")
+        if flow_cfg.weighting not in ("bell", "uniform"):
+            raise ValueError(f"unknown weighting {flow_cfg.weighting!r}; choose bell or uniform")
+        self.model, self.flow, self.obj = model, flow_cfg, obj
+        self.plan = plan_for_mode(obj.mode, obj)
+        self.roles = {"model": model}
+
+    def losses(self, batch: Batch, step: int, generator: torch.Generator) -> Losses:
+        x0 = batch.video  # [B, F, C, H, W]
+        B, F = x0.shape[:2]
+        sigma = flow.sample_block_sigmas(
+            B, F, self.obj.block_size, self.flow.shift, num_train_timesteps=self.flow.num_train_timesteps,
+            generator=generator, shared=self.obj.mode == "bidirectional").to(x0.device)  # [B, F]
+        eps = torch.randn(x0.shape, generator=generator).to(x0)
+        xt = flow.add_noise(x0, eps, sigma)
+        cond = drop_text(batch.cond, batch.null, self.obj.text_dropout, generator)
+        clean = x0 if self.obj.mode == "teacher_forcing" else None
+        v = self.model.velocity(xt, sigma, cond, plan=self.plan, clean=clean)
+        mse = (v - flow.velocity_target(x0, eps)).pow(2).mean(dim=(2, 3, 4))  # [B, F]
+        if self.flow.weighting == "bell":
+            w = flow.bell_weight(sigma, self.flow.shift, self.flow.num_train_timesteps)
+        else:
+            w = torch.ones_like(sigma)
+        loss = (w * mse).mean()
+        return {"model": (loss, {"loss": loss.item(), "mse": mse.mean().item()})}

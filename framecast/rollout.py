@@ -1,0 +1,97 @@
+"""The ONE autoregressive block loop (design §2, aesthetics §3.6).
+
+Offline sampling, streaming sessions, ODE-pair generation and (next issue) DMD self-rollout all call
+`rollout`. Per block b of K frames at absolute frame offset f_b:
+
+    x0_b = sampler(denoiser, noise_b, sigmas_b, cond_b, cache=cache, positions=f_b..f_b+K-1)   # reads cache
+    denoiser.commit(x0_b, ...)                                                               # one write
+
+so block b conditions on the committed clean output of blocks < b (spec §3.4, §8). A clean prefix
+(I2V first frame, continuation) is committed first, block by block, and is not yielded.
+
+A bidirectional model is the special case of one block spanning the whole video (`block_size = F`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .models.conditioning import Cond
+from .models.denoiser import Guidance
+from .models.kv_cache import KVCache
+from .sampling import Sampler
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Block:
+    index: int  # block number among the generated blocks
+    start: int  # absolute frame position of its first frame
+    x0: Tensor  # [B, K, C, H, W] clean output
+
+
+def rollout(
+    denoiser,
+    noise: Tensor,
+    cond: Cond,
+    *,
+    sampler: Sampler,
+    sigmas: Tensor,
+    block_size: int,
+    first_sigmas: Tensor | None = None,
+    context: Tensor | None = None,
+    cache: KVCache | None = None,
+    window: int = 0,
+    sink: int = 0,
+    guidance: Guidance | None = None,
+    context_sigma: float = 0.0,
+    commit_last: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[Block]:
+    """Generate `noise.shape[1]` frames block by block, yielding each block as soon as it is done.
+
+    Args:
+        noise: [B, F, C, H, W] starting noise for the generated frames.
+        cond: conditioning; `cond.actions`, if any, is indexed by absolute frame (prefix included).
+        sampler, sigmas: the per-block sampler and its sigma list (sampling.py).
+        first_sigmas: a separate schedule for the first generated block (spec §7.6: 4 steps for 1/2-step models).
+        context: clean prefix frames [B, P, C, H, W] committed before generation (I2V / continuation).
+        cache: continue an existing stream (its frames count as context); default a fresh cache.
+        window, sink: attention window of a fresh cache (frames, counting the current block).
+        commit_last: commit the last block too (needed to continue the stream later).
+    """
+    B, F = noise.shape[:2]
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if cache is None:
+        cache = denoiser.new_cache(block_size=block_size, window=window, sink=sink)
+    if context is not None:
+        if context.shape[0] != B or context.shape[2:] != noise.shape[2:]:
+            raise ValueError(f"context {tuple(context.shape)} does not match noise {tuple(noise.shape)}")
+        for s in range(0, context.shape[1], block_size):
+            e = min(s + block_size, context.shape[1])
+            pos = torch.arange(cache.end, cache.end + e - s, device=noise.device)
+            start = int(pos[0])
+            denoiser.commit(context[:, s:e], cond.frames(start, start + e - s), cache, positions=pos,
+                            sigma=context_sigma, guidance=guidance)
+    offset = cache.end
+    for b, s in enumerate(range(0, F, block_size)):
+        e = min(s + block_size, F)
+        pos = torch.arange(offset + s, offset + e, device=noise.device)
+        block_cond = cond.frames(offset + s, offset + e)
+        sched = first_sigmas if (b == 0 and first_sigmas is not None) else sigmas
+        x0 = sampler(denoiser, noise[:, s:e], sched, block_cond, cache=cache, positions=pos,
+                     guidance=guidance, generator=generator)
+        if e < F or commit_last:
+            denoiser.commit(x0, block_cond, cache, positions=pos, sigma=context_sigma, guidance=guidance)
+        yield Block(b, offset + s, x0)
+
+
+def generate(denoiser, noise: Tensor, cond: Cond, **kw) -> Tensor:
+    """Run `rollout` to the end and return the generated frames [B, F, C, H, W]."""
+    kw.setdefault("commit_last", False)
+    return torch.cat([blk.x0 for blk in rollout(denoiser, noise, cond, **kw)], dim=1)

@@ -1,0 +1,195 @@
+"""The method-agnostic training loop (aesthetics §3.10).
+
+It knows roles (trainable networks by loss name), optimisers, EMA, clipping, accumulation, logging,
+samples and checkpoints; it does not know which method it trains. Per step:
+
+    g = Generator(seed, step)                              # all randomness of the step, so resume is exact
+    for micro-batch: losses = objective.losses(source.batch(B, g), step, g); (loss / accum).backward()
+    for each name returned: clip, optimiser step, EMA update
+
+A step that returns only some names (DMD's critic-only steps) steps only those optimisers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..config import RunConfig, to_dict
+from . import checkpoint as ckpt
+from .ema import EMA
+
+
+@dataclass
+class OptimSpec:
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, objective, source, *, run_dir: str | Path, meta: dict[str, Any],
+                 sample_fn: Callable[[int, dict[str, nn.Module], Path], None] | None = None,
+                 optim: dict[str, OptimSpec] | None = None) -> None:
+        self.cfg, self.objective, self.source = cfg, objective, source
+        self.run_dir = Path(run_dir)
+        self.meta = meta
+        self.sample_fn = sample_fn
+        self.roles: dict[str, nn.Module] = dict(objective.roles)
+        t = cfg.train
+        if t.grad_accum < 1 or t.batch_size < 1 or t.steps < 0:
+            raise ValueError(f"train.batch_size, train.grad_accum must be >= 1 and train.steps >= 0, got "
+                             f"{t.batch_size}, {t.grad_accum}, {t.steps}")
+        specs = optim or {}
+        self.optimizers = {}
+        for name, module in self.roles.items():
+            spec = specs.get(name, OptimSpec(t.lr, tuple(t.betas), t.weight_decay))
+            params = [p for p in module.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError(f"role {name!r} has no trainable parameters")
+            self.optimizers[name] = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas,
+                                                      weight_decay=spec.weight_decay)
+        self.base_lr = {n: o.param_groups[0]["lr"] for n, o in self.optimizers.items()}
+        self.ema = {n: EMA(m, t.ema_decay) for n, m in self.roles.items()} if t.ema_decay > 0 else {}
+        self.ckpt_root = self.run_dir / "ckpt"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.state = TrainState()
+
+    # ---------------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.cfg.train.amp == "bf16":
+            return torch.autocast(device_type=torch.device(self.cfg.train.device).type, dtype=torch.bfloat16)
+        if self.cfg.train.amp != "none":
+            raise ValueError(f"unknown train.amp {self.cfg.train.amp!r}; choose none or bf16")
+        return contextlib.nullcontext()
+
+    def _set_lr(self, step: int) -> None:
+        warm = self.cfg.train.warmup
+        scale = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+        for n, opt in self.optimizers.items():
+            for g in opt.param_groups:
+                g["lr"] = self.base_lr[n] * scale
+
+    def save(self, step: int) -> Path:
+        weights = {n: m.state_dict() for n, m in self.roles.items()}
+        weights.update({f"ema_{n}": e.state_dict() for n, e in self.ema.items()})
+        meta = {**self.meta, "config": to_dict(self.cfg), "roles": sorted(self.roles),
+                "ema": sorted(self.ema)}
+        state = {"step": step, "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()}}
+        return ckpt.save(self.ckpt_root, step, weights=weights, meta=meta, state=state)
+
+    def resume(self) -> int:
+        """Continue from the newest checkpoint of this run, if any; returns the step to start at."""
+        last = ckpt.latest(self.ckpt_root) if self.ckpt_root.exists() else None
+        if last is None:
+            return 0
+        saved = ckpt.read_meta(last)
+        if saved.get("config", {}).get("model") != to_dict(self.cfg)["model"]:
+            raise ckpt.CheckpointError(f"{last} was trained with a different model config; use another run name "
+                                       f"(name=...) instead of resuming it")
+        for n, m in self.roles.items():
+            ckpt.load_weights(m, last, n)
+        for n, e in self.ema.items():
+            e.load_state_dict(ckpt.load_state_dict(last, f"ema_{n}"))
+        state = ckpt.load_state(last)
+        for n, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][n])
+        return int(state["step"])
+
+    def _log(self, row: dict[str, Any]) -> None:
+        self.state.history.append(row)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    # ---------------------------------------------------------------------------------------------
+
+    def fit(self) -> TrainState:
+        t = self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        start = self.resume()
+        for m in self.roles.values():
+            m.train()
+        last_saved = start if start > 0 else -1
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t.steps, initial=start, disable=not t.progress, desc=f"{self.cfg.stage}",
+                   dynamic_ncols=True, leave=True)
+        t0 = time.perf_counter()
+        for step in range(start, t.steps):
+            self._set_lr(step)
+            g = step_generator(t.seed, step)
+            sums: dict[str, float] = {}
+            names: list[str] = []
+            for _ in range(t.grad_accum):
+                batch = self.source.batch(t.batch_size, g).to(t.device)
+                with self._autocast():
+                    losses = self.objective.losses(batch, step, g)
+                unknown = set(losses) - set(self.optimizers)
+                if unknown:
+                    raise KeyError(f"objective returned losses {sorted(unknown)} with no trainable role")
+                for name, (loss, logs) in losses.items():
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss {name!r} is {loss.item()} at step {step}")
+                    (loss / t.grad_accum).backward()
+                    for k, v in logs.items():
+                        sums[f"{name}/{k}"] = sums.get(f"{name}/{k}", 0.0) + v / t.grad_accum
+                names = list(losses)
+            for name in names:
+                params = [p for p in self.roles[name].parameters() if p.requires_grad]
+                gn = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else None
+                self.optimizers[name].step()
+                self.optimizers[name].zero_grad(set_to_none=True)
+                if gn is not None:
+                    sums[f"{name}/grad_norm"] = float(gn)
+                if name in self.ema and step >= t.ema_start:
+                    self.ema[name].update(self.roles[name])
+            done = step + 1
+            bar.update(1)
+            main = next((v for k, v in sums.items() if k.endswith("/loss")), None)
+            if main is not None and math.isfinite(main):
+                bar.set_postfix(loss=f"{main:.4f}")
+            if step == start or done % max(t.log_every, 1) == 0 or done == t.steps:
+                self._log({"step": done, "time": round(time.perf_counter() - t0, 3), **sums})
+            if t.sample_every and done % t.sample_every == 0 and done != t.steps and self.sample_fn:
+                self._sample(done)
+            if t.ckpt_every and done % t.ckpt_every == 0 and done != t.steps:
+                self.save(done)
+                last_saved = done
+        bar.close()
+        self.state.step = t.steps
+        if t.steps != last_saved and t.steps > start:
+            self.save(t.steps)
+        if self.sample_fn:
+            self._sample(t.steps)
+        return self.state
+
+    def _sample(self, step: int) -> None:
+        modules = dict(self.roles)
+        for m in modules.values():
+            m.eval()
+        try:
+            self.sample_fn(step, modules, self.run_dir / "samples")
+        finally:
+            for m in modules.values():
+                m.train()

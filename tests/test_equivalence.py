@@ -1,0 +1,128 @@
+"""Design §4: streaming block b with a KV cache of the committed clean blocks < b equals the noisy half of
+one teacher-forcing packed forward, to fp32 tolerance, for K=1 and K=3, several frame counts, with and
+without a window. Plus the causal structure of each plan, probed by perturbation."""
+
+import pytest
+import torch
+
+from framecast.models.attention import AttentionPlan
+
+ATOL = 2e-5
+
+
+def stream_tf(net, x, sigma, clean, text, plan):
+    """Block by block: denoise block b reading the cache, then commit its clean copy (spec §3.4)."""
+    cache_kw = dict(block_size=plan.block_size, window=plan.window, sink=plan.sink)
+    from framecast.models.kv_cache import KVCache
+
+    cache = KVCache(len(net.blocks), **cache_kw)
+    outs = []
+    F = x.shape[1]
+    for s in range(0, F, plan.block_size):
+        e = min(s + plan.block_size, F)
+        outs.append(net(x[:, s:e], sigma[:, s:e], text, cache=cache))
+        net(clean[:, s:e], torch.zeros_like(sigma[:, s:e]), text, cache=cache, commit=True)
+    return torch.cat(outs, dim=1), cache
+
+
+CASES = [  # (K, F, window, sink)
+    (1, 1, 0, 0), (1, 4, 0, 0), (1, 7, 0, 0), (3, 3, 0, 0), (3, 7, 0, 0), (3, 9, 0, 0),
+    (1, 8, 3, 0), (1, 8, 3, 1), (3, 10, 6, 0), (3, 10, 6, 2), (2, 9, 4, 1),
+]
+
+
+@pytest.mark.parametrize("K, F, window, sink", CASES)
+def test_streaming_equals_packed_teacher_forcing(tiny_model, K, F, window, sink):
+    net = tiny_model.net
+    plan = AttentionPlan("teacher_forcing", K, window, sink)
+    B = 2
+    x, clean = torch.randn(B, F, 3, 8, 12), torch.randn(B, F, 3, 8, 12)
+    sigma = torch.rand(B, F)
+    text = torch.randn(B, 5, net.config.text_dim)
+    with torch.no_grad():
+        packed = net(x, sigma, text, plan=plan, clean=clean)
+        streamed, cache = stream_tf(net, x, sigma, clean, text, plan)
+    torch.testing.assert_close(streamed, packed, atol=ATOL, rtol=0)
+    if window:  # bounded memory: the next block would see exactly (window - K) recent frames + sinks
+        assert cache.num_frames <= window - K + sink
+
+
+class LeakyPlan(AttentionPlan):
+    """A broken teacher-forcing mask that lets a noisy block see its own clean copy (spec §12.9)."""
+
+    def allowed(self, qf, qc, kf, kc):
+        ok = super().allowed(qf, qc, kf, kc)
+        K = self.block_size
+        return ok | (~qc & kc & (kf // K == qf // K))
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_equivalence_test_catches_a_leaking_mask(tiny_model, K):
+    """The equivalence above must fail if the mask leaks the answer, or it proves nothing."""
+    net = tiny_model.net
+    F, B = 6, 1
+    x, clean, sigma = torch.randn(B, F, 3, 8, 8), torch.randn(B, F, 3, 8, 8), torch.rand(B, F)
+    text = torch.randn(B, 5, net.config.text_dim)
+    good, leaky = AttentionPlan("teacher_forcing", K), LeakyPlan("teacher_forcing", K)
+    with torch.no_grad():
+        streamed, _ = stream_tf(net, x, sigma, clean, text, good)
+        leaked = net(x, sigma, text, plan=leaky, clean=clean)
+    assert (streamed - leaked).abs().max() > 1e3 * ATOL
+
+
+def _perturb_effect(net, plan, F, frame, *, clean_copy=False):
+    """Max change of each output frame when input frame `frame` (of x or of the clean copy) changes."""
+    B = 1
+    x, clean, sigma = torch.randn(B, F, 3, 8, 8), torch.randn(B, F, 3, 8, 8), torch.rand(B, F)
+    text = torch.randn(B, 5, net.config.text_dim)
+    kw = dict(plan=plan, clean=clean) if plan.kind == "teacher_forcing" else dict(plan=plan)
+    with torch.no_grad():
+        a = net(x, sigma, text, **kw)
+        if clean_copy:
+            clean2 = clean.clone()
+            clean2[:, frame] += 1
+            kw["clean"] = clean2
+            b = net(x, sigma, text, **kw)
+        else:
+            x2 = x.clone()
+            x2[:, frame] += 1
+            b = net(x2, sigma, text, **kw)
+    return (a - b).abs().amax(dim=(0, 2, 3, 4))  # [F]
+
+
+def test_plan_structures(tiny_model):
+    net = tiny_model.net
+    F = 6
+    # bidirectional: a late frame changes every output
+    eff = _perturb_effect(net, AttentionPlan("bidirectional"), F, 5)
+    assert bool((eff > 1e-4).all())
+    # block-causal K=2: frame 3 (block 1) changes blocks >= 1 only, including its block-mate frame 2
+    eff = _perturb_effect(net, AttentionPlan("block_causal", 2), F, 3)
+    assert bool((eff[:2] == 0).all()) and bool((eff[2:] > 1e-4).all())
+    # teacher forcing K=2: a noisy frame only affects its own block; blocks never see other noisy blocks
+    eff = _perturb_effect(net, AttentionPlan("teacher_forcing", 2), F, 3)
+    assert bool((eff[[0, 1, 4, 5]] == 0).all()) and bool((eff[2:4] > 1e-4).all())
+    # teacher forcing: the clean copy of block 1 conditions later blocks but never its own noisy twin
+    eff = _perturb_effect(net, AttentionPlan("teacher_forcing", 2), F, 2, clean_copy=True)
+    assert bool((eff[:4] == 0).all()) and bool((eff[4:] > 1e-4).all())
+    # window: with window 2 (K=1) frame 0 drops out of direct view for frames >= 2; it still reaches frame 2
+    # through clean frame 1's keys (one hop per layer), but never beyond the 2-layer receptive field
+    eff = _perturb_effect(net, AttentionPlan("teacher_forcing", 1, window=2), F, 0, clean_copy=True)
+    assert eff[1] > 1e-4 and bool((eff[3:] == 0).all())
+    # ... unless it is a sink frame
+    eff = _perturb_effect(net, AttentionPlan("teacher_forcing", 1, window=2, sink=1), F, 0, clean_copy=True)
+    assert bool((eff[1:] > 1e-4).all())
+
+
+def test_dense_mask_is_none_when_trivial():
+    assert AttentionPlan("bidirectional").dense_mask(4, 16) is None
+    assert AttentionPlan("block_causal", 4).dense_mask(4, 16) is None  # one block: full attention
+    m = AttentionPlan("teacher_forcing", 1).dense_mask(3, 2)
+    assert m.shape == (12, 12)
+
+
+def test_plan_validation():
+    with pytest.raises(ValueError, match="unknown attention plan"):
+        AttentionPlan("sideways")
+    with pytest.raises(ValueError, match="window"):
+        AttentionPlan("block_causal", 3, window=2)
