@@ -1,0 +1,102 @@
+"""Trainer, checkpoints and CLI on the tiny preset: end to end, exact resume, clear errors on bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from framecast import config as C
+from framecast.cli import main
+from framecast.pipeline import load_model, train_stage
+from framecast.train import checkpoint as ckpt
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def tiny(tmp_path, *extra):
+    return C.load(TINY, [f"out_dir={tmp_path}", "train.progress=false", *extra])
+
+
+def _weights(path):
+    return ckpt.load_state_dict(ckpt.resolve(path), "model")
+
+
+def test_stage0_then_stage1_end_to_end(tmp_path):
+    c0 = tiny(tmp_path, "stage=stage0", "train.steps=3")
+    p0 = train_stage(c0)
+    c1 = tiny(tmp_path, "stage=stage1", f"init={p0}", "train.steps=3", "train.ema_decay=0.9")
+    p1 = train_stage(c1)
+    run = c1.run_dir
+    for f in ("config.yaml", "metrics.jsonl", "loss.png", "samples/step_0000003.gif", "samples/step_0000003.mp4"):
+        assert (run / f).is_file(), f
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and "model/loss" in rows[-1]
+    meta = ckpt.read_meta(p1)
+    assert meta["stage"] == "stage1" and meta["sampling"]["causal"] and meta["sampling"]["block_size"] == 1
+    assert meta["ema"] == ["model"]
+    model, meta2, cfg = load_model(p1)
+    assert cfg == c1 and meta2 == meta
+
+
+def test_resume_is_exact(tmp_path):
+    straight = tiny(tmp_path, "name=a", "train.steps=4")
+    train_stage(straight)
+    first = tiny(tmp_path, "name=b", "train.steps=2")
+    train_stage(first)
+    resumed = tiny(tmp_path, "name=b", "train.steps=4")  # same run name: picks up step 2
+    train_stage(resumed)
+    a, b = _weights(straight.run_dir), _weights(resumed.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (resumed.run_dir / "ckpt").glob("step_*")) == ["step_0000002", "step_0000004"]
+
+
+def test_truncated_checkpoint_gives_one_line_error(tmp_path):
+    path = train_stage(tiny(tmp_path, "train.steps=1"))
+    f = path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError) as e:
+        load_model(path)
+    msg = str(e.value)
+    assert "model.safetensors" in msg and "corrupt or truncated" in msg and "\n" not in msg
+    (path / "meta.json").write_text('{"stage": ')
+    with pytest.raises(ckpt.CheckpointError, match="meta.json is corrupt"):
+        load_model(path)
+
+
+def test_checkpoints_are_never_overwritten(tmp_path):
+    root = tmp_path / "ckpt"
+    ckpt.save(root, 5, weights={"m": {"w": torch.ones(2)}}, meta={})
+    with pytest.raises(ckpt.CheckpointError, match="refusing to overwrite"):
+        ckpt.save(root, 5, weights={"m": {"w": torch.zeros(2)}}, meta={})
+    assert torch.equal(ckpt.load_state_dict(root / "step_0000005", "m")["w"], torch.ones(2))
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    train_stage(tiny(tmp_path, "train.steps=1"))
+    with pytest.raises(ckpt.CheckpointError, match="different model config"):
+        train_stage(tiny(tmp_path, "train.steps=2", "model.num_layers=3"))
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "--config", str(TINY), "train.lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("framecast: error: unknown config key 'train.lrr'") and "\n" not in err
+    assert main(["sample", "--ckpt", str(tmp_path / "missing")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_cli_train_and_sample(tmp_path):
+    assert main(["train", "--config", str(TINY), f"out_dir={tmp_path}", "train.steps=2"]) == 0
+    out = tmp_path / "s"
+    assert main(["sample", "--ckpt", str(tmp_path / "tiny" / "stage1"), "--frames", "6", "--window", "3",
+                 "--out", str(out), "--num", "2"]) == 0
+    assert out.with_suffix(".gif").is_file() and out.with_suffix(".mp4").is_file()
+
+
+def test_console_script_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "framecast.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "quickstart" in r.stdout
