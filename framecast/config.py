@@ -298,3 +298,48 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 
 def dump(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------------------
+# Recipes: several stages sharing a base config
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Recipe:
+    name: str
+    stages: list[RunConfig]  # in order; each stage initialises from the previous one's checkpoint
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """A recipe YAML: `name`, `base` (a RunConfig mapping or a YAML path) and `stages` (name -> overrides).
+
+    Every stage is validated strictly; command-line overrides apply to every stage.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe file {str(p)!r} is not valid YAML: {e}".splitlines()[0]) from None
+    unknown = sorted(set(data) - {"name", "base", "stages"})
+    if unknown:
+        raise ConfigError(f"unknown recipe key {unknown[0]!r} in {str(p)!r}; valid keys: base, name, stages")
+    name = data.get("name", p.stem)
+    stages = data.get("stages") or {}
+    if not isinstance(stages, dict) or not stages:
+        raise ConfigError(f"recipe {str(p)!r} needs a non-empty `stages` mapping (stage name -> overrides)")
+    base_data = data.get("base") or {}
+    if isinstance(base_data, str):  # a path to a run config YAML, relative to the recipe
+        base_data = yaml.safe_load((p.parent / base_data).read_text()) if (p.parent / base_data).is_file() else None
+        if base_data is None:
+            raise ConfigError(f"recipe {str(p)!r}: base file {data['base']!r} does not exist")
+    base = from_dict({**base_data, "name": name})
+    out = []
+    for stage, extra in stages.items():
+        cfg = from_dict({**(extra or {}), "stage": stage}, base=base)
+        for text in overrides:
+            cfg = from_dict(parse_override(text), base=cfg)
+        out.append(cfg)
+    return Recipe(name, out)

@@ -169,6 +169,12 @@ def test_ar_packed_equals_streaming(mix, K):
     # frames after the first block must differ from the context-free marginal velocity
     marginal = ARTeacher(mix).velocity(x[:, K:], sigma[:, K:], None, positions=torch.arange(K, 4))
     assert (packed[:, K:] - marginal).abs().max() > 1e-2
+    # flow_map forwards the packed-mode kwargs: the last block's flow equals its streamed flow
+    eps = torch.randn(clean.shape, generator=g, dtype=f64)
+    full = flow_map(teacher, eps, 1.0, steps=20, clean=clean, plan=plan_for("teacher_forcing", K))
+    cache = teacher.new_cache(block_size=K)
+    teacher.commit(clean[:, :4 - K], None, cache)
+    assert torch.allclose(full[:, 4 - K:], flow_map(teacher, eps[:, 4 - K:], 1.0, steps=20, cache=cache), atol=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,15 +1,15 @@
 """Vector videos and analytic teachers: the theory testbed of spec §9.2 (Toy A, reused by Toys C/D).
 
-Each frame is a D-vector stored as a video [B, F, D, 1, 1] (C = D, H = W = 1). Videos come from a Gaussian
-mixture whose frames are independent given the component k: x^f = means[k, f] + std * xi. For such data the
-rectified-flow posterior mean E[x0 | x_s] is closed form, so the teachers below are *exact* velocity fields
-with the `Denoiser` interface (velocity / x0 / new_cache / commit) and plug into `sampling` and `rollout`.
+Each frame is a D-vector stored as a video [B, F, D, 1, 1] (C = D, H = W = 1), drawn from a Gaussian mixture
+whose frames are independent given the component k: x^f = means[k, f] + std * xi. E[x0 | x_s] is then closed
+form, so the teachers below are *exact* velocity fields with the `Denoiser` interface (velocity / x0 /
+new_cache / commit) and plug into `sampling` and `rollout` unchanged.
 
-* `BidirectionalTeacher`: the joint posterior over all frames it is given. The flow of frame i then
-  depends on the noise of later frames (the sign of eps1 + eps2 picks the mode in Toy A), so an AR student
-  that sees only eps^i can at best learn E[flow | eps^i], a blurred conditional expectation (spec §9.2 (a)).
-* `ARTeacher`: p(block | clean earlier frames). Frame i's flow is a function of (x_s^i, clean context)
-  alone, which an AR student can represent exactly (spec §9.2 (b)).
+* `BidirectionalTeacher` (joint posterior): the flow of frame i depends on the noise of later frames (in Toy A
+  sign(eps1 + eps2) picks the mode), so an AR student that sees only eps^i can at best learn E[flow | eps^i],
+  a blurred conditional expectation (spec §9.2 (a)).
+* `ARTeacher` (p(block | clean earlier frames)): frame i's flow is a function of (x_s^i, clean context) alone,
+  which an AR student can represent exactly (spec §9.2 (b)).
 
 Maths (spec §9.2), per frame f at noise level s_f, with a = 1 - s_f and var = a^2 std^2 + s_f^2:
     x_s^f | k ~ N(a m_k^f, var I),   E[x0^f | x_s^f, k] = m_k^f + a std^2 / var * (x_s^f - a m_k^f),
@@ -132,16 +132,8 @@ class ContextCache:
         return int(self.frames.max()) + 1 if self.num_frames else 0
 
 
-# ------------------------------------------------------------------------------------------------
-# Closed-form posterior
-# ------------------------------------------------------------------------------------------------
-
-
 def _log_lik(x: Tensor, a: Tensor, var: Tensor, means: Tensor) -> Tensor:
-    """sum_f log N(x^f; a_f m_k^f, var_f I) up to k-independent constants -> [B, M].
-
-    x [B, F, D], a/var [B, F], means [M, F, D]. Clean context is a = 1, var = std^2.
-    """
+    """sum_f log N(x^f; a_f m_k^f, var_f I) - const(k) -> [B, M]; x [B, F, D], a/var [B, F], means [M, F, D]."""
     diff = x[:, None] - a[:, None, :, None] * means[None]  # [B, M, F, D]
     return -((diff ** 2).sum(-1) / (2 * var[:, None])).sum(-1)  # [B, M]
 
@@ -158,13 +150,8 @@ def _velocity(x: Tensor, s: Tensor, means: Tensor, std: float, log_prior: Tensor
     return ((s - a * std ** 2)[..., None] * x - s[..., None] * m_bar) / var[..., None]
 
 
-def _check_guidance(guidance) -> None:
-    if guidance is not None and guidance.scale != 1:
-        raise ValueError("analytic teachers are unconditional")
-
-
 class _AnalyticTeacher:
-    """Shared Denoiser-like plumbing: inputs, x0, cache and commit."""
+    """Denoiser-like plumbing shared by both teachers: input checks, velocity/x0, cache and commit."""
 
     def __init__(self, mixture: VectorMixture) -> None:
         self.mixture = mixture
@@ -174,7 +161,7 @@ class _AnalyticTeacher:
 
     def _inputs(self, x: Tensor, sigma: Tensor | float, positions: Tensor | None,
                 start: int) -> tuple[Tensor, Tensor, Tensor]:
-        """-> x [B, F, D], s [B, F] (float64) and validated absolute positions [F]."""
+        """-> x [B, F, D], s [B, F] (float64) and validated absolute positions [F] (default start + arange)."""
         xf, s = _flat(x, self.mixture.dim), _frame_sigma(sigma, x)  # [B, F, D], [B, F]
         F = xf.shape[1]
         if bool(((s < 0) | (s > 1)).any()):
@@ -187,17 +174,23 @@ class _AnalyticTeacher:
                              f"{self.mixture.num_frames} frames")
         return xf, s, pos
 
-    def _log_prior(self, context: Tensor | None, ctx_pos: Tensor) -> Tensor:
-        """log pi_k + log p(clean context | k) -> [B or 1, M]."""
-        m = self.mixture
-        prior = m.weights.log()[None]  # [1, M]
-        if context is None or ctx_pos.numel() == 0:
-            return prior
-        ones = torch.ones(context.shape[:2], dtype=f64)  # [B, Fc]
-        return prior + _log_lik(context, ones, ones * m.std ** 2, m.means[:, ctx_pos])
+    def _block(self, xf: Tensor, s: Tensor, pos: Tensor, context: Tensor | None, ctx_pos: Tensor) -> Tensor:
+        """v [B, Fb, D] of one jointly denoised block given clean context [B, Fc, D] at ctx_pos [Fc]."""
+        m, dev = self.mixture, xf.device
+        log_prior = m.weights.log().to(dev)[None]  # [1, M]
+        if context is not None and ctx_pos.numel():  # clean frames: a = 1, var = std^2
+            ones = torch.ones(context.shape[:2], dtype=f64, device=dev)  # [B, Fc]
+            log_prior = log_prior + _log_lik(context, ones, ones * m.std ** 2, m.means[:, ctx_pos].to(dev))
+        return _velocity(xf, s, m.means[:, pos].to(dev), m.std, log_prior)
 
-    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond | None = None, **kw) -> Tensor:
-        raise NotImplementedError
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond | None = None, *, guidance=None,
+                 plan: AttentionPlan | None = None, cache: ContextCache | None = None,
+                 positions: Tensor | None = None, clean: Tensor | None = None) -> Tensor:
+        """v [B, F, D, 1, 1] for x at sigma [B, F]. `cond` is ignored: the data are unconditional."""
+        if guidance is not None and guidance.scale != 1:
+            raise ValueError("analytic teachers are unconditional")
+        xf, s, pos = self._inputs(x, sigma, positions, cache.end if cache is not None else 0)
+        return self._v(xf, s, pos, plan=plan, cache=cache, clean=clean).to(x.dtype).reshape(x.shape)
 
     def x0(self, x: Tensor, sigma: Tensor, cond: Cond | None = None, **kw) -> Tensor:
         """x0 = x - sigma v (exactly E[x0 | x] here)."""
@@ -208,7 +201,8 @@ class _AnalyticTeacher:
     def commit(self, x0: Tensor, cond: Cond | None, cache: ContextCache, *, positions: Tensor | None = None,
                sigma: float = 0.0, guidance=None) -> None:
         """Append clean frames x0 [B, Fb, D, 1, 1] at `positions` (default cache.end + arange)."""
-        _check_guidance(guidance)
+        if guidance is not None and guidance.scale != 1:
+            raise ValueError("analytic teachers are unconditional")
         if float(sigma) != 0.0:  # the AR conditional is exact only for clean context
             raise ValueError(f"analytic teachers condition on clean context; got context sigma {sigma}")
         _, _, pos = self._inputs(x0, 0.0, positions, cache.end)
@@ -221,71 +215,59 @@ class _AnalyticTeacher:
 
 
 class BidirectionalTeacher(_AnalyticTeacher):
-    """Joint posterior over all frames of x (each at its own sigma); cached frames do not condition."""
+    """Joint posterior over all frames of x (each at its own sigma); plan, cache and clean do not condition."""
 
-    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond | None = None, *, guidance=None,
-                 plan: AttentionPlan | None = None, cache: ContextCache | None = None,
-                 positions: Tensor | None = None, clean: Tensor | None = None) -> Tensor:
-        _check_guidance(guidance)
-        xf, s, pos = self._inputs(x, sigma, positions, cache.end if cache is not None else 0)
-        v = _velocity(xf, s, self.mixture.means[:, pos], self.mixture.std, self._log_prior(None, pos))
-        return v.to(x.dtype).reshape(x.shape)
+    def _v(self, xf: Tensor, s: Tensor, pos: Tensor, **_) -> Tensor:
+        return self._block(xf, s, pos, None, pos[:0])
 
 
 class ARTeacher(_AnalyticTeacher):
-    """p(block | clean earlier frames): context from `clean=` (packed TF), `cache=` (streaming) or none."""
+    """p(block | clean frames): context from `clean=` (packed TF), `cache=` (streaming) or none (marginal)."""
 
-    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond | None = None, *, guidance=None,
-                 plan: AttentionPlan | None = None, cache: ContextCache | None = None,
-                 positions: Tensor | None = None, clean: Tensor | None = None) -> Tensor:
-        _check_guidance(guidance)
-        m = self.mixture
+    def _v(self, xf: Tensor, s: Tensor, pos: Tensor, *, plan: AttentionPlan | None, cache: ContextCache | None,
+           clean: Tensor | None) -> Tensor:
         if clean is not None and cache is not None:
             raise ValueError("give the context either as clean= (packed) or as cache= (streaming), not both")
-        xf, s, pos = self._inputs(x, sigma, positions, cache.end if cache is not None else 0)
-        if clean is None:  # streaming (or no context): x is one block after the cached frames
-            context = None if cache is None or cache.values is None else _flat(cache.values, m.dim)  # [B, Fc, D]
-            ctx_pos = cache.frames if cache is not None else pos[:0]
-            if context is not None and context.shape[0] != xf.shape[0]:
+        if clean is None:  # streaming: x is one block, conditioned on whatever the cache holds (maybe nothing)
+            if cache is None or cache.values is None:
+                return self._block(xf, s, pos, None, pos[:0])
+            context = _flat(cache.values, self.mixture.dim).to(xf.device)  # [B, Fc, D]
+            if context.shape[0] != xf.shape[0]:
                 raise ValueError(f"batch {xf.shape[0]} does not match the cache's {context.shape[0]}")
-            if ctx_pos.numel() and bool(torch.isin(pos, ctx_pos).any()):
+            if bool(torch.isin(pos, cache.frames).any()):
                 raise ValueError(f"frames {pos.tolist()} are both in the block and in the context")
-            v = _velocity(xf, s, m.means[:, pos], m.std, self._log_prior(context, ctx_pos))
-            return v.to(x.dtype).reshape(x.shape)
-        # packed teacher forcing: block b = frames with pos // K == b sees clean frames of blocks < b
+            return self._block(xf, s, pos, context, cache.frames)
+        # packed teacher forcing: block b = frames with pos // K == b, seeing the clean frames of blocks < b
         if plan is None or plan.kind != "teacher_forcing":
             raise ValueError("clean= (packed mode) needs a teacher_forcing AttentionPlan")
-        if clean.shape != x.shape:
-            raise ValueError(f"clean {tuple(clean.shape)} must match x {tuple(x.shape)}")
-        cf = _flat(clean, m.dim)  # [B, F, D]
+        cf = _flat(clean, self.mixture.dim).to(xf.device)  # [B, F, D]
+        if cf.shape != xf.shape:
+            raise ValueError(f"clean {tuple(clean.shape)} must match x {tuple(xf.shape)}")
         blk = pos // plan.block_size  # [F], the block rule of AttentionPlan.allowed
         v = torch.empty_like(xf)  # [B, F, D]
         for b in blk.unique().tolist():
-            own, ctx = blk == b, blk < b
-            prior = self._log_prior(cf[:, ctx], pos[ctx])
-            v[:, own] = _velocity(xf[:, own], s[:, own], m.means[:, pos[own]], m.std, prior)
-        return v.to(x.dtype).reshape(x.shape)
+            own, ctx = blk == b, blk < b  # [F] masks: this block's noisy frames, earlier blocks' clean ones
+            v[:, own] = self._block(xf[:, own], s[:, own], pos[own], cf[:, ctx], pos[ctx])
+        return v
 
 
 def flow_map(teacher, x: Tensor, sigma_from: float, *, steps: int = 200, cond: Cond | None = None,
              **kw) -> Tensor:
-    """The exact flow map x_{sigma_from} -> x_0: classical RK4 on a uniform sigma grid, in float64.
-
-    `kw` goes to `teacher.velocity` (e.g. clean= and plan= for the AR teacher's packed mode).
-    """
+    """Exact flow map x_{sigma_from} -> x_0 (classical RK4, uniform sigma grid, float64); `kw` goes to
+    `teacher.velocity` (e.g. clean= and plan= for the AR teacher's packed mode, or cache=)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    h = float(sigma_from) / steps
     y = x.to(f64)  # [B, F, D, 1, 1]
+    grid = torch.linspace(float(sigma_from), 0.0, steps + 1, dtype=f64).tolist()  # exact endpoints, none < 0
 
     def f(y: Tensor, s: float) -> Tensor:
-        return teacher.velocity(y, torch.full(y.shape[:2], s, dtype=f64), cond, **kw)
+        return teacher.velocity(y, torch.full(y.shape[:2], s, dtype=f64, device=y.device), cond, **kw)
 
-    for i in range(steps):  # integrate dx/ds = v from s = sigma_from down to 0 (ds = -h)
-        s = float(sigma_from) - i * h
+    for s, s_next in zip(grid[:-1], grid[1:]):  # integrate dx/ds = v downwards: the step h is negative
+        h, mid = s_next - s, 0.5 * (s + s_next)
         k1 = f(y, s)
-        k2 = f(y - 0.5 * h * k1, s - 0.5 * h)
-        k3 = f(y - 0.5 * h * k2, s - 0.5 * h)
-        k4 = f(y - h * k3, s - h)
-        y = y - h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        k2 = f(y + 0.5 * h * k1, mid)
+        k3 = f(y + 0.5 * h * k2, mid)
+        k4 = f(y + h * k3, s_next)
+        y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
     return y.to(x.dtype)

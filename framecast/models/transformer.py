@@ -19,8 +19,6 @@ assumed; the token sequence is frame-major, [B, F*T, D].
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
@@ -319,4 +317,4 @@ def forward_flops(cfg: ModelConfig, query_tokens: int, key_tokens: int, text_tok
     )
     ph, pw = cfg.patch_size[1:]
     io = 2 * L * D * cfg.in_channels * ph * pw * 2  # patch embed + proj out
-    return float(cfg.num_layers * per_layer + io) + 0 * math.pi
+    return float(cfg.num_layers * per_layer + io)

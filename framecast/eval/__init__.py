@@ -1,0 +1,1 @@
+"""Evaluation: checks and (later) metrics computed from the toys' known generative process."""
