@@ -94,8 +94,7 @@ def sample(model: Denoiser, meta: dict[str, Any], cond: Cond, null: Cond, *, num
     """Sample [B, F, C, H, W] as the checkpoint's meta says (streaming with a KV cache for causal models)."""
     C_, H, W = meta["frame_shape"]
     g = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    noise = torch.randn(cond.batch, num_frames, C_, H, W, generator=g).to(device)
+    noise = torch.randn(cond.batch, num_frames, C_, H, W, generator=g).to(cond.text.device)
     steps = steps or meta["steps"]
     scale = meta["guidance"] if guidance is None else guidance
     block = meta["block_size"] if meta["causal"] else num_frames

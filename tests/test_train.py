@@ -100,3 +100,15 @@ def test_cli_train_and_sample(tmp_path):
 def test_console_script_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "framecast.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "quickstart" in r.stdout
+
+
+def test_quickstart_runs_a_tiny_recipe(tmp_path):
+    from framecast.quickstart import run
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: qs\nbase: {TINY}\nstages: {{stage0: {{train: {{steps: 2}}}}, stage1: {{train: {{steps: 2}}}}}}\n")
+    report = run(recipe, ["train.progress=false", "sample.prompts=[a red circle moving right slow, a blue square]"],
+                 out_dir=str(tmp_path / "runs"))
+    text = report.read_text()
+    assert "**match**" in text and (report.parent / "final.gif").is_file()
+    assert ckpt.read_meta(ckpt.resolve(tmp_path / "runs" / "qs" / "stage1"))["config"]["init"].endswith("step_0000002")
