@@ -69,7 +69,7 @@ def test_attributes_cover_grammar(ds):
     assert {a.shape for a in seen} == set(SHAPES)
     assert {a.direction for a in seen} == set(DIRECTIONS)
     assert {a.speed for a in seen} == set(SPEEDS)
-    lo, hi = 0.22 * min(H, W), 0.34 * min(H, W)
+    lo, hi = 0.3 * min(H, W), 0.42 * min(H, W)
     assert all(lo <= a.size <= hi for a in seen)
 
 

@@ -40,7 +40,7 @@ SPEEDS: dict[str, float] = {"slow": 1 / 32, "fast": 2 / 32}
 _CAPTION_FIELDS = ("colour", "shape", "direction", "speed")
 _VOCAB = {"colour": tuple(COLOURS), "shape": SHAPES,
           "direction": tuple(DIRECTIONS), "speed": tuple(SPEEDS)}
-_SIZE_RANGE = (0.22, 0.34)  # sprite size as a fraction of min(H, W)
+_SIZE_RANGE = (0.3, 0.42)  # sprite size as a fraction of min(H, W): >= 2 patches of a 4-px patch grid at 32 px
 _SUPERSAMPLE = 4
 
 

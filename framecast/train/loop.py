@@ -185,11 +185,18 @@ class Trainer:
         return self.state
 
     def _sample(self, step: int) -> None:
+        """Samples come from the EMA weights where they exist (what the checkpoint samples with by default)."""
         modules = dict(self.roles)
-        for m in modules.values():
+        saved = {}
+        for n, m in modules.items():
             m.eval()
+            if n in self.ema and step > self.cfg.train.ema_start:
+                saved[n] = {k: v.detach().clone() for k, v in m.state_dict().items()}
+                self.ema[n].copy_to(m)
         try:
             self.sample_fn(step, modules, self.run_dir / "samples")
         finally:
-            for m in modules.values():
+            for n, m in modules.items():
+                if n in saved:
+                    m.load_state_dict(saved[n])
                 m.train()
