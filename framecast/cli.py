@@ -45,11 +45,14 @@ def _sample(args: argparse.Namespace) -> None:
                    steps=args.steps, guidance=args.guidance, window=args.window)
     dt = time.perf_counter() - t0
     out = Path(args.out)
+    if out.suffix in (".gif", ".mp4", ".pt"):
+        out = out.with_suffix("")
+    path = {ext: out.with_name(f"{out.name}.{ext}") for ext in ("gif", "mp4", "pt")}  # keeps dots in names
     for ext in ("gif", "mp4"):
-        write_video(grid(video), out.with_suffix(f".{ext}"), fps=cfg.sample.fps)
+        write_video(grid(video), path[ext], fps=cfg.sample.fps)
     if args.save_tensor:
-        torch.save(video, out.with_suffix(".pt"))
-    print(f"wrote {out.with_suffix('.gif')} and .mp4: {video.shape[0]} videos x {video.shape[1]} frames "
+        torch.save(video, path["pt"])
+    print(f"wrote {path['gif']} and .mp4: {video.shape[0]} videos x {video.shape[1]} frames "
           f"in {dt:.1f}s ({video.shape[0] * video.shape[1] / dt:.1f} frames/s)")
 
 

@@ -61,8 +61,10 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # unit tests: a forward in milliseconds
     "tiny": dict(num_heads=2, head_dim=16, ffn_dim=64, num_layers=2, text_dim=32, freq_dim=32,
                  patch_size=(1, 4, 4), in_channels=3, out_channels=3),
-    # the quickstart model: 32x32 RGB frames as 8x8 tokens, MiniLM text (384-d)
-    "toy": dict(num_heads=4, head_dim=32, ffn_dim=512, num_layers=4, text_dim=384, freq_dim=64,
+    # the quickstart model: 32x32 RGB frames as 8x8 tokens, MiniLM text (384-d). Head dim 64, not 32:
+    # Wan's 3-axis RoPE gives the h and w axes 2*(head_dim//6) channels each, and with 32 only ~2 of their
+    # 5 frequencies separate 8 positions, which left samples as scattered patches (docs/core_engine.md)
+    "toy": dict(num_heads=2, head_dim=64, ffn_dim=512, num_layers=4, text_dim=384, freq_dim=64,
                 patch_size=(1, 4, 4), in_channels=3, out_channels=3),
     # Wan2.1 T2V (spec §3.2); instantiate on the meta device on CPU
     "wan2.1-1.3b": dict(num_heads=12, head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096,
