@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=32, help="frame height = width (pixels, identity codec)")
     p.add_argument("--text-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep q, k, v as three matmuls")
     p.add_argument("--profile", action="store_true", help="print the top ops of one cached frame")
     p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     args = p.parse_args(argv)
@@ -96,6 +97,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     mc = C.model_preset(args.preset)
     model = build_denoiser(mc).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    if args.fuse:
+        model.net.fuse_qkv_projections()  # inference only: q/k/v as one matmul (diffusers' fused layout)
     cond = Cond(torch.randn(1, args.text_tokens, mc.text_dim))
     noise = torch.randn(1, args.frames, mc.in_channels, args.size, args.size)
     sigmas = flow.grid(args.steps, 5.0).float()
@@ -122,8 +126,9 @@ def main(argv=None) -> int:
         return 1000 * statistics.median(ts[lo:hi])
 
     marks = [m for m in (1, 8, 16, 32, 48, 64, 96, 128) if m <= args.frames]
-    print(f"preset {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {T} tokens/frame, "
-          f"{args.steps} Euler steps/frame, window {args.window}, batch 1, {torch.get_num_threads()} threads")
+    print(f"preset {args.preset}: {n_params / 1e6:.2f}M params, {T} tokens/frame, "
+          f"{args.steps} Euler steps/frame, window {args.window}, batch 1, {torch.get_num_threads()} threads, "
+          f"fused qkv {args.fuse}")
     print(f"{'frame':>6} {'cached ms':>10} {'recompute ms':>13} {'speed-up':>9}")
     for m in marks:
         c, r = ms(cached, m - 1), ms(recompute, m - 1)

@@ -74,3 +74,14 @@ def test_shape_errors_are_clear(tiny_model):
     with pytest.raises(ValueError, match="needs the clean copy"):
         from framecast.models.attention import AttentionPlan
         net(torch.randn(1, 2, 3, 8, 8), torch.rand(1), text, plan=AttentionPlan("teacher_forcing"))
+
+
+def test_fused_qkv_projections_give_the_same_output(tiny_model):
+    net = tiny_model.net
+    x, text, sigma = torch.randn(1, 3, 3, 8, 8), torch.randn(1, 4, net.config.text_dim), torch.rand(1)
+    with torch.no_grad():
+        a = net(x, sigma, text)
+        net.fuse_qkv_projections()
+        b = net(x, sigma, text)
+        net.unfuse_qkv_projections()
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)

@@ -112,8 +112,11 @@ class CausalWanTransformer(WanTransformer3DModel):
             raise ValueError("the teacher_forcing plan needs the clean copy (clean=...)")
         Fs = x.shape[1]  # frames in the sequence (2F under teacher forcing)
 
-        # patchify: [B, Fs, C, H, W] -> [B, Fs*T, D]
-        h = self.patch_embedding(x.transpose(1, 2)).flatten(2).transpose(1, 2).contiguous()
+        # patchify: [B, Fs, C, H, W] -> [B, Fs*T, D]. The Conv3d has stride == kernel, so it is one matmul over
+        # non-overlapping (C, ph, pw) patches; as a linear it avoids the slow CPU convolution path (benchmarks/)
+        patches = x.reshape(B, Fs, -1, hp, ph, wp, pw).permute(0, 1, 3, 5, 2, 4, 6).flatten(4)  # [B,Fs,hp,wp,C*ph*pw]
+        conv = self.patch_embedding
+        h = F.linear(patches, conv.weight.flatten(1), conv.bias).flatten(1, 3)  # [B, Fs*T, D]
 
         # per-frame time embedding: [B, Fs] -> temb [B, Fs, D], modulation [B, Fs, 6, D]
         ce = self.condition_embedder
@@ -125,7 +128,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         mod = ce.time_proj(ce.act_fn(temb)).unflatten(2, (6, -1))  # [B, Fs, 6, D]
         text_states = ce.text_embedder(text)  # [B, Lt, D]
 
-        rope = self._rope(positions, hp, wp)  # cos, sin: [Fs*T, head_dim/2]
+        rope = self._rope(positions, hp, wp)  # complex [Fs*T, head_dim/2]
         mask = None
         if cache is None:
             mask = self._mask(plan, Fn, T, x.device)
@@ -163,7 +166,7 @@ class CausalWanTransformer(WanTransformer3DModel):
             return plan.block_mask(num_frames, T, device)
         return plan.dense_mask(num_frames, T, device)
 
-    def _rope(self, positions: Tensor, hp: int, wp: int) -> tuple[Tensor, Tensor]:
+    def _rope(self, positions: Tensor, hp: int, wp: int) -> Tensor:
         """3-axis RoPE from absolute positions (no table, so an unbounded stream never runs past it).
 
         Same frequencies as diffusers' `WanRotaryPosEmbed` (head dim split t/h/w, theta 1e4), but the
@@ -183,7 +186,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         ah = angles(h_dim, torch.arange(hp, device=dev))[None, :, None].expand(Fs, hp, wp, -1)
         aw = angles(w_dim, torch.arange(wp, device=dev))[None, None, :].expand(Fs, hp, wp, -1)
         a = torch.cat([at, ah, aw], dim=-1).reshape(Fs * hp * wp, hd // 2)
-        return a.cos().float(), a.sin().float()
+        return torch.polar(torch.ones_like(a), a).to(torch.complex64)  # exp(i a), angles kept in float64
 
     def _block(self, i: int, block, h: Tensor, text: Tensor, mod: Tensor, rope, mask, cache: KVCache | None,
                commit: bool, T: int) -> Tensor:
@@ -209,10 +212,14 @@ class CausalWanTransformer(WanTransformer3DModel):
 
     def _self_attention(self, i: int, attn, n: Tensor, rope, mask, cache: KVCache | None, commit: bool) -> Tensor:
         heads = attn.heads
-        q = attn.norm_q(attn.to_q(n)).unflatten(2, (heads, -1))  # [B, L, H, Dh]
-        k = attn.norm_k(attn.to_k(n)).unflatten(2, (heads, -1))
-        v = attn.to_v(n).unflatten(2, (heads, -1))
-        q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+        if getattr(attn, "fused_projections", False):  # after `fuse_qkv_projections()`: one matmul, not three
+            q, k, v = attn.to_qkv(n).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(n), attn.to_k(n), attn.to_v(n)
+        q = attn.norm_q(q).unflatten(2, (heads, -1))  # [B, L, H, Dh]
+        k = attn.norm_k(k).unflatten(2, (heads, -1))
+        v = v.unflatten(2, (heads, -1))
+        q, k = _apply_rope(q, rope), _apply_rope(k, rope)
         if cache is not None:
             if commit:
                 cache.stage(i, k, v)
@@ -229,8 +236,11 @@ class CausalWanTransformer(WanTransformer3DModel):
         q = attn.norm_q(attn.to_q(n)).unflatten(2, (heads, -1))
 
         def text_kv() -> tuple[Tensor, Tensor]:
-            k = attn.norm_k(attn.to_k(text)).unflatten(2, (heads, -1))
-            return k, attn.to_v(text).unflatten(2, (heads, -1))
+            if getattr(attn, "fused_projections", False):
+                k, v = attn.to_kv(text).chunk(2, dim=-1)
+            else:
+                k, v = attn.to_k(text), attn.to_v(text)
+            return attn.norm_k(k).unflatten(2, (heads, -1)), v.unflatten(2, (heads, -1))
 
         # the per-prompt cache holds detached K/V: use it only where no gradient is wanted
         if cache is not None and not torch.is_grad_enabled():
@@ -241,11 +251,13 @@ class CausalWanTransformer(WanTransformer3DModel):
         return attn.to_out[1](attn.to_out[0](out.flatten(2).type_as(q)))
 
 
-def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x[2j], x[2j+1]) by the angle of pair j; x [B, L, H, Dh], cos/sin [L, Dh/2]."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # [B, L, H, Dh/2]
-    c, s = cos[None, :, None], sin[None, :, None]
-    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).type_as(x)
+def _apply_rope(x: Tensor, rot: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x[2j], x[2j+1]) by the angle of pair j, as one complex product.
+
+    x [B, L, H, Dh] real; rot [L, Dh/2] complex exp(i angle). Same maths as diffusers' Wan processor.
+    """
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, L, H, Dh/2]
+    return torch.view_as_real(xc * rot[None, :, None]).flatten(-2).type_as(x)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask, backend: str) -> Tensor:
