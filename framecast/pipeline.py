@@ -119,8 +119,9 @@ def train_stage(cfg: C.RunConfig) -> Path:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     C.dump(cfg, run_dir / "config.yaml")
-    trainer = Trainer(cfg, objective, source, run_dir=run_dir, meta=meta,
-                      sample_fn=make_sample_fn(cfg, meta["sampling"], source))
+    # vector videos are not images: no sample videos for them (their metrics come from the analytic teachers)
+    sample_fn = make_sample_fn(cfg, meta["sampling"], source) if cfg.data.name == "shapes" else None
+    trainer = Trainer(cfg, objective, source, run_dir=run_dir, meta=meta, sample_fn=sample_fn)
     trainer.fit()
     plot_metrics(trainer.metrics_path, run_dir / "loss.png", keys=("loss",))
     return ckpt.resolve(run_dir)

@@ -112,3 +112,14 @@ def test_quickstart_runs_a_tiny_recipe(tmp_path):
     text = report.read_text()
     assert "**match**" in text and (report.parent / "final.gif").is_file()
     assert ckpt.read_meta(ckpt.resolve(tmp_path / "runs" / "qs" / "stage1"))["config"]["init"].endswith("step_0000002")
+
+
+def test_vectors_recipe_trains(tmp_path):
+    cfg = C.load(Path(__file__).resolve().parents[1] / "configs" / "vectors.yaml",
+                 [f"out_dir={tmp_path}", "train.progress=false", "train.steps=3"])
+    path = train_stage(cfg)
+    rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and rows[-1]["model/loss"] > 0
+    assert ckpt.read_meta(path)["sampling"]["frame_shape"] == [2, 1, 1]
+    with pytest.raises(ValueError, match="vector videos are"):
+        train_stage(C.load(None, [f"out_dir={tmp_path}", "data.name=vectors", "name=bad", "train.progress=false"]))

@@ -35,4 +35,13 @@ class ShapesSource:
 def build_source(cfg: DataConfig, text_encoder: TextEncoder, codec: Codec):
     if cfg.name == "shapes":
         return ShapesSource(cfg, text_encoder, codec)
-    raise ValueError(f"unknown data source {cfg.name!r}; choose shapes")
+    if cfg.name == "vectors":  # frames are D-vectors: a model with in_channels = D and patch (1, 1, 1)
+        from .vectors import VectorMixture, VectorSource
+
+        if (cfg.height, cfg.width) != (1, 1) or codec.latent_channels != cfg.vector_dim:
+            raise ValueError(f"vector videos are [B, F, D={cfg.vector_dim}, 1, 1]: set data.height=data.width=1 "
+                             f"and model.in_channels=model.out_channels={cfg.vector_dim}, patch_size=[1,1,1]")
+        mixture = VectorMixture.random(cfg.num_frames, cfg.vector_dim, cfg.vector_components, cfg.vector_std,
+                                       cfg.seed)
+        return VectorSource(mixture, text_encoder.dim, cfg.text_tokens)
+    raise ValueError(f"unknown data source {cfg.name!r}; choose shapes or vectors")
