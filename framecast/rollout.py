@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+from . import flow
 from .models.conditioning import Cond
 from .models.denoiser import Guidance
 from .models.kv_cache import KVCache
@@ -50,6 +51,9 @@ def rollout(
     guidance: Guidance | None = None,
     context_sigma: float = 0.0,
     commit_last: bool = True,
+    renoise_context: bool = False,
+    exit_step: int | None = None,
+    first_exit_step: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Iterator[Block]:
     """Generate `noise.shape[1]` frames block by block, yielding each block as soon as it is done.
@@ -63,6 +67,11 @@ def rollout(
         cache: continue an existing stream (its frames count as context); default a fresh cache.
         window, sink: attention window of a fresh cache (frames, counting the current block).
         commit_last: commit the last block too (needed to continue the stream later).
+        renoise_context: re-noise each block's output to `context_sigma` before committing it (training
+            self-rollout does; inference feeds the clean output, spec §12.8).
+        exit_step, first_exit_step: self-rollout gradient policy for `few_step` (spec §7.2): every block stops
+            at `exit_step` (the first block at `first_exit_step`, for its own schedule), only that forward
+            keeps grad, and the context is committed without grad.
     """
     B, F = noise.shape[:2]
     if block_size < 1:
@@ -83,11 +92,19 @@ def rollout(
         e = min(s + block_size, F)
         pos = torch.arange(offset + s, offset + e, device=noise.device)
         block_cond = cond.frames(offset + s, offset + e)
-        sched = first_sigmas if (b == 0 and first_sigmas is not None) else sigmas
+        first = b == 0 and first_sigmas is not None
+        sched = first_sigmas if first else sigmas
+        kw = {}
+        if exit_step is not None:
+            kw["exit_step"] = first_exit_step if first and first_exit_step is not None else exit_step
         x0 = sampler(denoiser, noise[:, s:e], sched, block_cond, cache=cache, positions=pos,
-                     guidance=guidance, generator=generator)
+                     guidance=guidance, generator=generator, **kw)
         if e < F or commit_last:
-            denoiser.commit(x0, block_cond, cache, positions=pos, sigma=context_sigma, guidance=guidance)
+            ctx = x0.detach()
+            if renoise_context and context_sigma > 0:
+                eps = torch.randn(ctx.shape, generator=generator).to(ctx)
+                ctx = flow.add_noise(ctx, eps, torch.full(ctx.shape[:2], context_sigma, device=ctx.device))
+            denoiser.commit(ctx, block_cond, cache, positions=pos, sigma=context_sigma, guidance=guidance)
         yield Block(b, offset + s, x0)
 
 

@@ -52,17 +52,26 @@ def euler(denoiser, x: Tensor, sigmas: Tensor, cond: Cond, *, cache: KVCache | N
 
 def few_step(denoiser, x: Tensor, sigmas: Tensor, cond: Cond, *, cache: KVCache | None = None,
              positions: Tensor | None = None, guidance: Guidance | None = None,
-             generator: torch.Generator | None = None, callback: Callable[[int, Tensor], None] | None = None) -> Tensor:
-    """x0 = G(x, s_j); x = (1 - s_{j+1}) x0 + s_{j+1} eps_fresh; output the last x0 (spec §2)."""
+             generator: torch.Generator | None = None, callback: Callable[[int, Tensor], None] | None = None,
+             exit_step: int | None = None) -> Tensor:
+    """x0 = G(x, s_j); x = (1 - s_{j+1}) x0 + s_{j+1} eps_fresh; output the last x0 (spec §2).
+
+    `exit_step = k` is the self-rollout gradient policy (spec §7.2, §12.12): stop after step k and return
+    that x0; steps before k run without grad, step k with whatever grad mode the caller has.
+    """
     if float(sigmas[-1]) == 0.0:
         raise ValueError("few_step sigmas must not end at 0 (the last prediction is already x0)")
+    last = len(sigmas) - 1 if exit_step is None else exit_step
+    if not 0 <= last < len(sigmas):
+        raise ValueError(f"exit_step {exit_step} is outside the {len(sigmas)}-step schedule")
     x0 = x
-    for j in range(len(sigmas)):
+    for j in range(last + 1):
         s = _sig(sigmas[j], x)
-        x0 = denoiser.x0(x, s, cond, guidance=guidance, cache=cache, positions=positions)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and j == last):
+            x0 = denoiser.x0(x, s, cond, guidance=guidance, cache=cache, positions=positions)
         if callback is not None:
             callback(j, x0)
-        if j + 1 < len(sigmas):
+        if j < last:
             eps = torch.randn(x.shape, generator=generator, device="cpu").to(x)
             x = flow.add_noise(x0, eps, _sig(sigmas[j + 1], x))
     return x0

@@ -112,3 +112,38 @@ def test_bidirectional_model_samples_as_one_block(tiny_model):
         a = generate(model, noise, cond, sampler=euler, sigmas=sig, block_size=4)
         b = euler(model, noise, sig, cond)
     torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+
+
+def test_self_rollout_gradient_policy(tiny_model):
+    """Only each block's exit-step forward has grad; commits and earlier steps do not (spec §7.2)."""
+    model = tiny_model
+    grad_modes = []
+    orig_v, orig_commit = model.velocity, model.commit
+
+    def spy_v(*a, **kw):
+        grad_modes.append(("v", torch.is_grad_enabled()))
+        return orig_v(*a, **kw)
+
+    def spy_commit(*a, **kw):
+        grad_modes.append(("commit", torch.is_grad_enabled()))
+        return orig_commit(*a, **kw)
+
+    model.velocity, model.commit = spy_v, spy_commit
+    sig = flow.few_step_sigmas([1000, 750, 500, 250], 5.0).float()
+    cond = Cond(torch.randn(1, 4, 32))
+    cache = model.new_cache()
+    video = generate(model, torch.randn(1, 3, 3, 8, 8), cond, sampler=few_step, sigmas=sig[:2], first_sigmas=sig,
+                     block_size=1, cache=cache, exit_step=1, first_exit_step=2, commit_last=True,
+                     generator=torch.Generator().manual_seed(0), renoise_context=True, context_sigma=0.05)
+    del model.velocity, model.commit
+    # block 0: 3 forwards (exit 2 of the 4-step first schedule), blocks 1-2: 2 forwards (exit 1); commit after each
+    kinds = [k for k, _ in grad_modes]
+    assert kinds == ["v", "v", "v", "commit", "v", "v", "commit", "v", "v", "commit"]
+    with_grad = [i for i, (k, g) in enumerate(grad_modes) if g and k == "v"]
+    assert with_grad == [2, 5, 8]
+    assert cache.num_frames == 3 and not cache.k[0].requires_grad  # context is built without grad
+    assert video.requires_grad
+    video.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    with pytest.raises(ValueError, match="outside the 2-step schedule"):
+        few_step(model, torch.randn(1, 1, 3, 8, 8), sig[:2], cond, exit_step=2)
