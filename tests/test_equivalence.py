@@ -126,3 +126,24 @@ def test_plan_validation():
         AttentionPlan("sideways")
     with pytest.raises(ValueError, match="window"):
         AttentionPlan("block_causal", 3, window=2)
+
+
+@pytest.mark.parametrize("plan", [AttentionPlan("teacher_forcing", 1), AttentionPlan("block_causal", 2),
+                                  AttentionPlan("teacher_forcing", 1, window=2, sink=1)])
+def test_flex_block_mask_equals_dense_mask(tiny_model, plan):
+    """The opt-in flex path (CUDA) realises the same rule; its forward also runs (eagerly) on CPU."""
+    import warnings
+
+    net = tiny_model.net
+    x, clean, sigma = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 4, 3, 8, 8), torch.rand(1, 4)
+    text = torch.randn(1, 4, net.config.text_dim)
+    kw = dict(clean=clean) if plan.kind == "teacher_forcing" else {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex on CPU warns that it materialises the scores
+        dense = net(x, sigma, text, plan=plan, **kw)
+        net.attention_backend = "flex"
+        try:
+            flex = net(x, sigma, text, plan=plan, **kw)
+        finally:
+            net.attention_backend = "sdpa"
+    torch.testing.assert_close(flex, dense, atol=2e-5, rtol=0)
