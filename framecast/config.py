@@ -12,6 +12,7 @@ directory and every checkpoint, so a checkpoint is self-describing (design §5).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -177,10 +178,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-4` without a dot as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key!r} expects a float, got {value!r}")
         return float(value)
@@ -281,18 +280,23 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
+def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML mapping from a file, or a one-line ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} file {str(p)!r} is not valid YAML: {e}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} file {str(p)!r} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """defaults -> YAML file -> overrides, each layer strict."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}".splitlines()[0]) from None
-    cfg = from_dict(data)
+    cfg = from_dict(read_yaml(path) if path is not None else {})
     for text in overrides:
         cfg = from_dict(parse_override(text), base=cfg)
     return cfg
@@ -319,12 +323,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     Every stage is validated strictly; command-line overrides apply to every stage.
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"recipe file {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe file {str(p)!r} is not valid YAML: {e}".splitlines()[0]) from None
+    data = read_yaml(p, "recipe")
     unknown = sorted(set(data) - {"name", "base", "stages"})
     if unknown:
         raise ConfigError(f"unknown recipe key {unknown[0]!r} in {str(p)!r}; valid keys: base, name, stages")
@@ -334,9 +333,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"recipe {str(p)!r} needs a non-empty `stages` mapping (stage name -> overrides)")
     base_data = data.get("base") or {}
     if isinstance(base_data, str):  # a path to a run config YAML, relative to the recipe
-        base_data = yaml.safe_load((p.parent / base_data).read_text()) if (p.parent / base_data).is_file() else None
-        if base_data is None:
-            raise ConfigError(f"recipe {str(p)!r}: base file {data['base']!r} does not exist")
+        base_data = read_yaml(p.parent / base_data, "base config")
     base = from_dict({**base_data, "name": name})
     out = []
     for stage, extra in stages.items():
