@@ -54,6 +54,7 @@ def rollout(
     renoise_context: bool = False,
     exit_step: int | None = None,
     first_exit_step: int | None = None,
+    teacher_context: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Iterator[Block]:
     """Generate `noise.shape[1]` frames block by block, yielding each block as soon as it is done.
@@ -72,8 +73,12 @@ def rollout(
         exit_step, first_exit_step: self-rollout gradient policy for `few_step` (spec §7.2): every block stops
             at `exit_step` (the first block at `first_exit_step`, for its own schedule), only that forward
             keeps grad, and the context is committed without grad.
+        teacher_context: [B, F, C, H, W] clean frames to commit instead of the generated blocks, so block b is
+            conditioned on the ground-truth prefix (causal ODE pairs, spec §5.1, §12.17).
     """
     B, F = noise.shape[:2]
+    if teacher_context is not None and teacher_context.shape != noise.shape:
+        raise ValueError(f"teacher_context {tuple(teacher_context.shape)} must match noise {tuple(noise.shape)}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     if cache is None:
@@ -100,7 +105,7 @@ def rollout(
         x0 = sampler(denoiser, noise[:, s:e], sched, block_cond, cache=cache, positions=pos,
                      guidance=guidance, generator=generator, **kw)
         if e < F or commit_last:
-            ctx = x0.detach()
+            ctx = (x0 if teacher_context is None else teacher_context[:, s:e]).detach()
             if renoise_context and context_sigma > 0:
                 eps = torch.randn(ctx.shape, generator=generator).to(ctx)
                 ctx = flow.add_noise(ctx, eps, torch.full(ctx.shape[:2], context_sigma, device=ctx.device))
