@@ -8,7 +8,7 @@ from framecast import flow
 from framecast.data.vectors import (
     ARTeacher, BidirectionalTeacher, ContextCache, VectorMixture, VectorSource, flow_map,
 )
-from framecast.models.attention import plan_for
+from framecast.models.attention import AttentionPlan
 from framecast.models.conditioning import Cond
 from framecast.models.denoiser import Guidance
 from framecast.rollout import generate
@@ -160,7 +160,7 @@ def test_ar_packed_equals_streaming(mix, K):
     sigma = torch.rand(16, 4, generator=g)  # independent per frame, as in TF training
     x = flow.add_noise(clean, torch.randn(clean.shape, generator=g), sigma)
     teacher = ARTeacher(mix)
-    packed = teacher.velocity(x, sigma, None, plan=plan_for("teacher_forcing", K), clean=clean)
+    packed = teacher.velocity(x, sigma, None, plan=AttentionPlan("teacher_forcing", K), clean=clean)
     cache, streamed = teacher.new_cache(block_size=K), []
     for b in range(0, 4, K):
         streamed.append(teacher.velocity(x[:, b:b + K], sigma[:, b:b + K], None, cache=cache))
@@ -171,7 +171,7 @@ def test_ar_packed_equals_streaming(mix, K):
     assert (packed[:, K:] - marginal).abs().max() > 1e-2
     # flow_map forwards the packed-mode kwargs: the last block's flow equals its streamed flow
     eps = torch.randn(clean.shape, generator=g, dtype=f64)
-    full = flow_map(teacher, eps, 1.0, steps=20, clean=clean, plan=plan_for("teacher_forcing", K))
+    full = flow_map(teacher, eps, 1.0, steps=20, clean=clean, plan=AttentionPlan("teacher_forcing", K))
     cache = teacher.new_cache(block_size=K)
     teacher.commit(clean[:, :4 - K], None, cache)
     assert torch.allclose(full[:, 4 - K:], flow_map(teacher, eps[:, 4 - K:], 1.0, steps=20, cache=cache), atol=1e-9)
@@ -267,5 +267,5 @@ def test_errors(toy):
     with pytest.raises(ValueError, match="teacher_forcing"):
         ar.velocity(x, torch.rand(3, 2), cond, clean=x)
     with pytest.raises(ValueError, match="not both"):
-        ar.velocity(x, torch.rand(3, 2), cond, clean=x, plan=plan_for("teacher_forcing"), cache=ar.new_cache())
+        ar.velocity(x, torch.rand(3, 2), cond, clean=x, plan=AttentionPlan("teacher_forcing"), cache=ar.new_cache())
     assert isinstance(ar.new_cache(block_size=2, window=4, sink=1), ContextCache)

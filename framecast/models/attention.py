@@ -118,6 +118,3 @@ class AttentionPlan:
         L = num_frames * tokens_per_frame * (2 if self.kind == "teacher_forcing" else 1)
         return create_block_mask(self.mask_mod(num_frames, tokens_per_frame), None, None, L, L, device=device)
 
-
-def plan_for(kind: str, block_size: int = 1, window: int = 0, sink: int = 0) -> AttentionPlan:
-    return AttentionPlan(kind=kind, block_size=block_size, window=window, sink=sink)

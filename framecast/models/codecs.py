@@ -41,8 +41,3 @@ class IdentityCodec:
     def latent_frames(self, pixel_frames: int) -> int:
         return pixel_frames
 
-
-def build_codec(name: str, channels: int) -> Codec:
-    if name == "identity":
-        return IdentityCodec(channels)
-    raise ValueError(f"unknown codec {name!r}; only 'identity' is available in this version")

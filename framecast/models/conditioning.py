@@ -49,9 +49,6 @@ class Cond:
         actions = None if self.actions is None else torch.cat([self.actions, other.actions])
         return Cond(torch.cat([self.text, other.text]), actions)
 
-    def select(self, index: Tensor) -> "Cond":
-        return Cond(self.text[index], None if self.actions is None else self.actions[index])
-
     def to(self, device: torch.device | str) -> "Cond":
         return Cond(self.text.to(device), None if self.actions is None else self.actions.to(device))
 
