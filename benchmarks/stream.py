@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     flops = 0.0
     for f in range(args.frames):
         ctx = min(f, args.window - 1) if args.window else f
-        flops += (args.steps + 1) * forward_flops(mc, T, (ctx + 1) * T, args.text_tokens)
+        flops += (args.steps + 1) * forward_flops(mc, T, (ctx + 1) * T, args.text_tokens, text_kv=f == 0)
     achieved = flops / sum(cached)
 
     def ms(ts, f):

@@ -25,6 +25,7 @@ import torch
 
 from ..models.attention import AttentionPlan
 from ..models.conditioning import Cond
+from ..models.kv_cache import CommittedFrames
 from .batch import Batch
 
 Tensor = torch.Tensor
@@ -112,7 +113,7 @@ class VectorSource:
         return Batch(video, Cond(text), Cond(text.clone()), [""] * batch_size)
 
 
-class ContextCache:
+class ContextCache(CommittedFrames):
     """Stand-in for KVCache: the analytic teachers need the committed clean frames, not K/V."""
 
     def __init__(self, *, block_size: int = 1, window: int = 0, sink: int = 0) -> None:
@@ -122,14 +123,6 @@ class ContextCache:
     def reset(self) -> None:
         self.frames = torch.empty(0, dtype=torch.long)  # [Fc] absolute positions
         self.values: Tensor | None = None  # [B, Fc, D, 1, 1]
-
-    @property
-    def num_frames(self) -> int:
-        return int(self.frames.numel())
-
-    @property
-    def end(self) -> int:
-        return int(self.frames.max()) + 1 if self.num_frames else 0
 
 
 def _log_lik(x: Tensor, a: Tensor, var: Tensor, means: Tensor) -> Tensor:

@@ -24,7 +24,22 @@ import torch
 Tensor = torch.Tensor
 
 
-class KVCache:
+class CommittedFrames:
+    """Position bookkeeping shared by every context store: `frames` holds absolute indices of committed frames."""
+
+    frames: Tensor
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.numel())
+
+    @property
+    def end(self) -> int:
+        """One past the last committed frame (the next frame's position); 0 when empty."""
+        return int(self.frames.max()) + 1 if self.num_frames else 0
+
+
+class KVCache(CommittedFrames):
     def __init__(self, num_layers: int, *, block_size: int = 1, window: int = 0, sink: int = 0) -> None:
         if window and window < block_size:
             raise ValueError(f"window ({window} frames) must cover at least one block ({block_size} frames)")
@@ -46,15 +61,6 @@ class KVCache:
         self._cross: list[tuple[Tensor, Tensor] | None] = [None] * L
 
     # -- self-attention context -------------------------------------------------------------------
-
-    @property
-    def num_frames(self) -> int:
-        return int(self.frames.numel())
-
-    @property
-    def end(self) -> int:
-        """One past the last committed frame (the next frame's position); 0 when empty."""
-        return int(self.frames.max()) + 1 if self.num_frames else 0
 
     def context(self, layer: int) -> tuple[Tensor | None, Tensor | None]:
         return self.k[layer], self.v[layer]

@@ -126,7 +126,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         if frame_emb is not None:
             temb = temb + frame_emb.to(temb.dtype)
         mod = ce.time_proj(ce.act_fn(temb)).unflatten(2, (6, -1))  # [B, Fs, 6, D]
-        text_states = ce.text_embedder(text)  # [B, Lt, D]
+        text_states = _LazyText(ce.text_embedder, text)  # [B, Lt, D] when asked; a warm cache never asks
 
         rope = self._rope(positions, hp, wp)  # complex [Fs*T, head_dim/2]
         mask = None
@@ -188,7 +188,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         a = torch.cat([at, ah, aw], dim=-1).reshape(Fs * hp * wp, hd // 2)
         return torch.polar(torch.ones_like(a), a).to(torch.complex64)  # exp(i a), angles kept in float64
 
-    def _block(self, i: int, block, h: Tensor, text: Tensor, mod: Tensor, rope, mask, cache: KVCache | None,
+    def _block(self, i: int, block, h: Tensor, text: "_LazyText", mod: Tensor, rope, mask, cache: KVCache | None,
                commit: bool, T: int) -> Tensor:
         """One WanTransformerBlock with per-frame modulation, a plan mask and a KV cache."""
         B, L, D = h.shape
@@ -229,26 +229,39 @@ class CausalWanTransformer(WanTransformer3DModel):
         out = _attend(q, k, v, mask, self.attention_backend)
         return attn.to_out[1](attn.to_out[0](out.flatten(2).type_as(q)))
 
-    def _cross_attention(self, i: int, attn, n: Tensor, text: Tensor, cache: KVCache | None) -> Tensor:
+    def _cross_attention(self, i: int, attn, n: Tensor, text: "_LazyText", cache: KVCache | None) -> Tensor:
         if attn.add_k_proj is not None:
             raise NotImplementedError("image cross-attention (Wan I2V-14B add_k_proj) is not supported")
         heads = attn.heads
         q = attn.norm_q(attn.to_q(n)).unflatten(2, (heads, -1))
 
         def text_kv() -> tuple[Tensor, Tensor]:
+            states = text.get()
             if getattr(attn, "fused_projections", False):
-                k, v = attn.to_kv(text).chunk(2, dim=-1)
+                k, v = attn.to_kv(states).chunk(2, dim=-1)
             else:
-                k, v = attn.to_k(text), attn.to_v(text)
+                k, v = attn.to_k(states), attn.to_v(states)
             return attn.norm_k(k).unflatten(2, (heads, -1)), v.unflatten(2, (heads, -1))
 
-        # the per-prompt cache holds detached K/V: use it only where no gradient is wanted
+        # the per-prompt cache (keyed on the raw encoder states) holds detached K/V: use it only without grad
         if cache is not None and not torch.is_grad_enabled():
-            k, v = cache.cross(i, text, text_kv)
+            k, v = cache.cross(i, text.raw, text_kv)
         else:
             k, v = text_kv()
         out = _attend(q, k, v, None, "sdpa")
         return attn.to_out[1](attn.to_out[0](out.flatten(2).type_as(q)))
+
+
+class _LazyText:
+    """Text embedding computed on first use: streaming with a warm per-prompt cache skips the text MLP."""
+
+    def __init__(self, embed, raw: Tensor) -> None:
+        self.raw, self._embed, self._states = raw, embed, None
+
+    def get(self) -> Tensor:
+        if self._states is None:
+            self._states = self._embed(self.raw)
+        return self._states
 
 
 def _apply_rope(x: Tensor, rot: Tensor) -> Tensor:
@@ -313,17 +326,19 @@ def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def forward_flops(cfg: ModelConfig, query_tokens: int, key_tokens: int, text_tokens: int) -> float:
+def forward_flops(cfg: ModelConfig, query_tokens: int, key_tokens: int, text_tokens: int, *,
+                  text_kv: bool = True) -> float:
     """Matmul FLOPs of one forward (2 per multiply-add), for FLOP/s-vs-peak benchmarks.
 
     Counts projections, attention scores and values, cross-attention and FFN; ignores norms/elementwise.
+    `text_kv=False` leaves out the text K/V projections, which a warm streaming cache does not recompute.
     """
     D, L, Lk, Lt = cfg.dim, query_tokens, key_tokens, text_tokens
     per_layer = (
         2 * L * D * 3 * D  # q, k, v
         + 2 * 2 * L * Lk * D  # scores + weighted values
         + 2 * L * D * D  # self-attn out
-        + 2 * L * D * D + 2 * 2 * Lt * D * D  # cross q, cross k/v (text; cached in streaming)
+        + 2 * L * D * D + (2 * 2 * Lt * D * D if text_kv else 0)  # cross q, cross k/v
         + 2 * 2 * L * Lt * D + 2 * L * D * D  # cross scores/values + out
         + 2 * 2 * L * D * cfg.ffn_dim  # ffn
     )
