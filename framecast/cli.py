@@ -1,8 +1,9 @@
-"""`framecast <verb>`: train, sample, quickstart.
+"""`framecast <verb>`: train, pipeline, sample, quickstart.
 
     framecast train --config configs/toy.yaml stage=stage1 init=runs/toy/stage0 train.steps=200
+    framecast pipeline --recipe configs/toy_framewise_2step.yaml      # stage0 -> 1 -> cd -> dmd, resumable
     framecast sample --ckpt runs/toy/stage1 --prompt "a red circle moving right slow" --frames 16
-    framecast quickstart                      # Stage 0 + Stage 1 on the toy, then a streamed sample
+    framecast quickstart                      # the main job on the toy, then a streamed sample + report
 
 Errors that come from the user's input (config keys, shapes, checkpoints) print one line and exit 2.
 """
@@ -27,6 +28,14 @@ def _train(args: argparse.Namespace) -> None:
     print(f"checkpoint: {path}")
 
 
+def _pipeline(args: argparse.Namespace) -> None:
+    from .pipeline import run_recipe
+
+    results = run_recipe(args.recipe, args.overrides, out_dir=args.out, only=args.only)
+    for r in results:
+        print(f"{r.key:>12}: {'reused' if r.reused else f'{r.seconds:.0f} s'}  {r.ckpt}")
+
+
 def _sample(args: argparse.Namespace) -> None:
     import torch
 
@@ -42,7 +51,8 @@ def _sample(args: argparse.Namespace) -> None:
     cond, null = Cond(enc.encode(prompts)), Cond(enc.encode([""] * len(prompts)))
     t0 = time.perf_counter()
     video = sample(model, sm, cond, null, num_frames=args.frames or sm["num_frames"], seed=args.seed,
-                   steps=args.steps, guidance=args.guidance, window=args.window)
+                   steps=args.steps, guidance=args.guidance, window=args.window, sampler=args.sampler,
+                   denoising_steps=args.denoising_steps, force=args.force)
     dt = time.perf_counter() - t0
     out = Path(args.out)
     if out.suffix in (".gif", ".mp4", ".pt"):
@@ -71,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("overrides", nargs="*", help="strict overrides, e.g. train.steps=100 model.preset=toy")
     t.set_defaults(fn=_train)
 
+    r = sub.add_parser("pipeline", help="run a recipe's stages in order (stage0 -> stage1 -> ode|cd -> dmd)")
+    r.add_argument("--recipe", required=True, help="recipe YAML (configs/toy_*.yaml)")
+    r.add_argument("--out", default="runs", help="where runs are written")
+    r.add_argument("--only", nargs="+", default=None, help="train only these stages (others must be finished)")
+    r.add_argument("overrides", nargs="*", help="overrides applied to every stage, e.g. train.threads=2")
+    r.set_defaults(fn=_pipeline)
+
     s = sub.add_parser("sample", help="sample a video from a checkpoint (writes .gif and .mp4)")
     s.add_argument("--ckpt", required=True, help="checkpoint dir, ckpt/ root or run-stage dir")
     s.add_argument("--prompt", action="append", help="prompt (repeatable); default: the run's sample prompts")
@@ -79,13 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--steps", type=int, default=None, help="Euler steps per block")
     s.add_argument("--guidance", type=float, default=None, help="CFG scale")
     s.add_argument("--window", type=int, default=None, help="attention window in frames (streaming)")
+    s.add_argument("--sampler", choices=["euler", "few_step"], default=None,
+                   help="override the checkpoint's sampler (refused for the wrong kind of model unless --force)")
+    s.add_argument("--denoising-steps", type=int, nargs="+", default=None,
+                   help="few-step list in the warped convention, e.g. 1000 500 (default: the checkpoint's)")
+    s.add_argument("--force", action="store_true", help="sample with a sampler the model was not trained for")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="use EMA weights")
     s.add_argument("--out", default="sample", help="output path without extension")
     s.add_argument("--save-tensor", action="store_true", help="also save the raw frames as .pt")
     s.set_defaults(fn=_sample)
 
-    q = sub.add_parser("quickstart", help="the main job: toy Stage 0 + Stage 1, then a streamed sample + report")
+    q = sub.add_parser("quickstart", help="the main job: the quickstart recipe on the toy, then a streamed sample + report")
     q.add_argument("--out", default="runs", help="where runs are written")
     q.add_argument("overrides", nargs="*", help="overrides applied to both stages, e.g. train.threads=2")
     q.set_defaults(fn=_quickstart)

@@ -112,6 +112,38 @@ class ObjectiveConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Stages 2-3 (spec §5-§7): few-step schedules, teachers and the knobs of ODE, CD and DMD.
+
+    Step lists use the reference configs' warped convention (spec §12.3): [1000, 500] means sigmas
+    shift(1.0), shift(0.5) = 1, .8333 at shift 5. Teacher/real/critic are checkpoint paths; in a recipe
+    `@<stage>` names another stage of the same recipe, and `framecast pipeline` fills the usual ones.
+    """
+
+    denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])  # few-step schedule
+    first_block_steps: list[int] = field(default_factory=list)  # first block's own schedule (spec §7.6); [] = same
+    grid_steps: int = 48  # N of the ODE/CD grid; the few-step sigmas must lie on it (spec §5.1, §6)
+    teacher: str = ""  # ODE/CD teacher checkpoint: the Stage-1 AR model (the Stage-0 base for the baseline)
+    guidance: float = 3.0  # teacher CFG for ODE pairs and CD. The reference uses 6 (ODE) and 3 (CD), so its
+    # two inits distill different flows (spec §12.2); one value here makes them target the same flow map
+    ode_teacher: str = "causal"  # causal (AR teacher, clean GT context) | bidirectional (Self Forcing baseline)
+    num_pairs: int = 256  # ODE trajectories to generate
+    shard_size: int = 64  # trajectories per shard of the pair store
+    pairs_dir: str = ""  # where the pair store lives; default <run dir>/pairs
+    pair_mode: str = "cached"  # cached (block-wise with the KV cache) | packed (teacher-forcing forward)
+    target_decay: float = 0.99  # CD target network (EMA of the student, spec §6)
+    real: str = ""  # DMD real score: the bidirectional base, frozen
+    critic: str = ""  # DMD fake score initialisation: the bidirectional base (spec §7.1)
+    real_guidance: float = 4.0  # u + g (c - u); the reference's x_c + 3 (x_c - x_u) is g = 4 (spec §12.1)
+    critic_ratio: int = 5  # critic updates per generator update (spec §7.5)
+    critic_lr: float = 4.0e-7
+    critic_betas: tuple[float, float] = (0.0, 0.999)
+    dmd_sigma_min: float = 0.02  # DMD noise levels: shift(U{0..999}/1000) clamped to [min, max] (spec §7.3)
+    dmd_sigma_max: float = 0.98
+    context_sigma: float = 0.0  # noise level of the committed context in self-rollout (0: clean, spec §12.8)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     batch_size: int = 4
@@ -148,18 +180,20 @@ class SampleConfig:
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs"
-    stage: str = "stage1"  # stage0 | stage1 (later: ode, cd, dmd)
+    stage: str = "stage1"  # stage0 | stage1 | ode | cd | dmd
+    tag: str = ""  # run sub-directory; default the stage name (a recipe can hold e.g. dmd_1step and dmd_2step)
     init: str = ""  # checkpoint directory to initialise the trained network from
     model: ModelConfig = field(default_factory=ModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name / self.stage
+        return Path(self.out_dir) / self.name / (self.tag or self.stage)
 
 
 def model_preset(name: str, **overrides: Any) -> ModelConfig:
@@ -320,7 +354,7 @@ class Recipe:
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """A recipe YAML: `name`, `base` (a RunConfig mapping or a YAML path) and `stages` (name -> overrides).
 
-    Every stage is validated strictly; command-line overrides apply to every stage.
+    A stage's key is its run directory; its kind is the key itself or the `stage:` it sets. Every stage is validated strictly; command-line overrides apply to every stage.
     """
     p = Path(path)
     data = read_yaml(p, "recipe")
@@ -336,8 +370,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         base_data = read_yaml(p.parent / base_data, "base config")
     base = from_dict({**base_data, "name": name})
     out = []
-    for stage, extra in stages.items():
-        cfg = from_dict({**(extra or {}), "stage": stage}, base=base)
+    for key, extra in stages.items():
+        extra = dict(extra or {})
+        kind = extra.pop("stage", key)  # `dmd_1step: {stage: dmd, ...}`: the key names the run, stage the kind
+        cfg = from_dict({**extra, "stage": kind, "tag": key if key != kind else ""}, base=base)
         for text in overrides:
             cfg = from_dict(parse_override(text), base=cfg)
         out.append(cfg)

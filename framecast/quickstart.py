@@ -14,30 +14,19 @@ from pathlib import Path
 
 import torch
 
-from . import config as C
 from .eval.checks import Recorder, stream_vs_packed
 from .media import grid, write_video
 from .models.conditioning import Cond, build_text_encoder
 from .models.denoiser import Guidance
-from .pipeline import load_model, sample, train_stage
+from .pipeline import load_model, run_recipe, sample
 from .train import checkpoint as ckpt
 
 
 def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, out_dir: str = "runs") -> Path:
-    recipe = C.load_recipe(recipe_path, [f"out_dir={out_dir}", *overrides])
-    root = Path(out_dir) / recipe.name
-    stages = []
-    prev: Path | None = None
-    for cfg in recipe.stages:
-        if prev is not None and not cfg.init:
-            cfg = C.from_dict({"init": str(prev)}, base=cfg)
-        print(f"== {cfg.stage}: {cfg.train.steps} steps, mode "
-              f"{'bidirectional' if cfg.stage == 'stage0' else cfg.objective.mode} -> {cfg.run_dir}", flush=True)
-        t0 = time.perf_counter()
-        prev = train_stage(cfg)
-        stages.append({"stage": cfg.stage, "ckpt": prev, "seconds": time.perf_counter() - t0, "cfg": cfg})
-    final = stages[-1]
-    report = _final_sample(final["ckpt"], root)
+    results = run_recipe(recipe_path, overrides, out_dir=out_dir)
+    root = Path(out_dir) / results[-1].cfg.name
+    stages = [{"stage": r.key, "ckpt": r.ckpt, "seconds": r.seconds, "cfg": r.cfg} for r in results]
+    report = _final_sample(results[-1].ckpt, root)
     path = _write_report(root, stages, report)
     print(f"report: {path}")
     return path
@@ -61,7 +50,9 @@ def _final_sample(ckpt_dir: Path, root: Path) -> dict:
     if sm["causal"]:
         check = stream_vs_packed(model, video, rec.calls, cond, block_size=sm["block_size"], window=sm["window"],
                                  sink=sm["sink"], guidance=Guidance(sm["guidance"], null))
-    return {"video_seconds": seconds, "frames": frames * len(prompts), "steps": sm["steps"], "check": check,
+    how = (f"{sm['steps']}-step few-step sampler, no CFG" if sm.get("few_step")
+           else f"{sm['steps']} Euler steps per frame with CFG {sm['guidance']:g}")
+    return {"video_seconds": seconds, "frames": frames * len(prompts), "how": how, "check": check,
             "prompts": prompts}
 
 
@@ -82,7 +73,7 @@ def _write_report(root: Path, stages: list[dict], final: dict) -> Path:
                   f"![loss]({rel}/loss.png)", ""]
     lines += ["## Final streamed sample", "", "![final](final.gif)", "",
               f"Prompts: {', '.join(final['prompts'])}.", "",
-              f"{final['frames']} frames ({final['steps']} Euler steps per frame with CFG, KV-cached streaming) in "
+              f"{final['frames']} frames ({final['how']}, KV-cached streaming) in "
               f"{final['video_seconds']:.1f} s.", ""]
     chk = final["check"]
     if chk:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,6 +17,8 @@ class Batch:
     cond: Cond  # conditioning of each video
     null: Cond  # the null conditioning (empty prompt / null actions), same batch size: CFG and dropout
     captions: list[str]
+    extra: dict[str, Tensor] = field(default_factory=dict)  # per-sample tensors of special sources (ODE pairs)
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.video.to(device), self.cond.to(device), self.null.to(device), self.captions)
+        return Batch(self.video.to(device), self.cond.to(device), self.null.to(device), self.captions,
+                     {k: v.to(device) for k, v in self.extra.items()})

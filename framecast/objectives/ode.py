@@ -1,13 +1,22 @@
-"""Causal ODE pairs (Causal Forcing, spec §5.1): the AR teacher's probability-flow ODE per block, with the
-ground-truth clean prefix as context, solved with Euler on an N-step shifted grid (with CFG), keeping the
-states at the few-step anchor sigmas, the endpoint and the clean video.
+"""Stage 2a: ODE initialisation of a few-step generator (spec §5, §9.1).
 
-Two modes give the same pairs (tested to fp32 tolerance):
-* `cached`: block by block through `rollout` with the KV cache holding the ground-truth blocks < b;
-* `packed`: all blocks at once, every frame at the same sigma, through the teacher-forcing plan (the
-  reference's "full" mode): one forward per Euler step for the whole video.
+Pairs. The teacher's probability-flow ODE is solved with Euler on an N-step shifted grid (with CFG) from
+sigma 1, keeping the states at the few-step anchor sigmas, the endpoint and the clean video:
 
-The regression objective and the bidirectional-teacher baseline arrive with the distillation issue.
+* causal (Causal Forcing): the Stage-1 **AR teacher**, per block, with the ground-truth clean prefix as
+  context (spec §5.1, §12.17). Two modes give the same pairs (tested to fp32 tolerance):
+  `cached`, block by block through `rollout` with the KV cache holding the ground-truth blocks < b, and
+  `packed`, all blocks at once under the teacher-forcing plan (the reference's "full" mode).
+* bidirectional (Self Forcing / CausVid baseline): the bidirectional base solves the whole video jointly,
+  so frame i's endpoint depends on the noise of later frames (P1 Lemma 3.2).
+
+Regression (spec §5.2). x0_hat = G(x_{s_j}, s_j) against the stored endpoint, x0-space MSE:
+
+* causal: one anchor index j per video shared by all frames, clean ground-truth context through the
+  teacher-forcing plan, so the target is a function of the student's inputs (frame-level injective);
+* bidirectional baseline: an independent anchor per block and the *noisy same-trajectory* frames as
+  context under the block-causal plan (SF `uniform_timestep=False`, spec §11). The student cannot see
+  the future noise its targets depend on, so it learns the conditional expectation (P1 Prop. 3.3).
 """
 
 from __future__ import annotations
@@ -17,13 +26,16 @@ from dataclasses import dataclass
 import torch
 
 from .. import flow
+from ..data.batch import Batch
 from ..models.attention import AttentionPlan
 from ..models.conditioning import Cond
 from ..models.denoiser import Guidance
 from ..rollout import rollout
 from ..sampling import euler
+from . import Losses
 
 Tensor = torch.Tensor
+TEACHERS = ("causal", "bidirectional")
 
 
 @dataclass
@@ -31,27 +43,37 @@ class ODEPairs:
     states: Tensor  # [B, A, F, C, H, W] teacher states at the anchor sigmas
     sigmas: Tensor  # [A] the anchor sigmas (exact)
     endpoint: Tensor  # [B, F, C, H, W] the ODE solution at sigma 0 (the regression target)
-    clean: Tensor  # [B, F, C, H, W] ground truth, the student's context
+    clean: Tensor  # [B, F, C, H, W] ground truth, the causal student's context
+
+
+def _packed(teacher, noise: Tensor, cond: Cond, sig: Tensor, idx: list[int], guidance, **kw) -> tuple[Tensor, Tensor]:
+    """One forward per Euler step for the whole video, every frame at the same sigma."""
+    x, keep = noise, {}
+    B, F = noise.shape[:2]
+    for n in range(len(sig) - 1):
+        if n in idx:
+            keep[n] = x
+        s, s_next = torch.full((B, F), float(sig[n])), torch.full((B, F), float(sig[n + 1]))
+        v = teacher.velocity(x, s, cond, guidance=guidance, **kw)
+        x = flow.euler_step(x, v, s, s_next)
+    return torch.stack([keep[i] for i in idx], dim=1), x
 
 
 @torch.no_grad()
 def generate_pairs(teacher, x_gt: Tensor, cond: Cond, noise: Tensor, *, block_size: int, steps: int, shift: float,
-                   anchors: Tensor, guidance: Guidance | None = None, mode: str = "cached") -> ODEPairs:
-    """Solve the AR teacher's per-block ODE from `noise` (sigma 1) and keep the states at `anchors`."""
+                   anchors: Tensor, guidance: Guidance | None = None, mode: str = "cached",
+                   teacher_kind: str = "causal") -> ODEPairs:
+    """Solve the teacher's ODE from `noise` (sigma 1) and keep the states at `anchors` (spec §5.1)."""
     sig = flow.grid(steps, shift)
     idx = flow.grid_indices(anchors.to(torch.float64), steps, shift)  # fails loudly if anchors are off the grid
     sig32 = sig.float()
-    if mode == "packed":
-        plan = AttentionPlan("teacher_forcing", block_size)
-        x, keep = noise, {}
-        B, F = noise.shape[:2]
-        for n in range(steps):
-            if n in idx:
-                keep[n] = x
-            s, s_next = torch.full((B, F), float(sig32[n])), torch.full((B, F), float(sig32[n + 1]))
-            v = teacher.velocity(x, s, cond, plan=plan, clean=x_gt, guidance=guidance)
-            x = flow.euler_step(x, v, s, s_next)
-        states, endpoint = torch.stack([keep[i] for i in idx], dim=1), x
+    if teacher_kind not in TEACHERS:
+        raise ValueError(f"unknown ODE teacher {teacher_kind!r}; choose one of {TEACHERS}")
+    if teacher_kind == "bidirectional":
+        states, endpoint = _packed(teacher, noise, cond, sig32, idx, guidance, plan=AttentionPlan("bidirectional"))
+    elif mode == "packed":
+        states, endpoint = _packed(teacher, noise, cond, sig32, idx, guidance,
+                                   plan=AttentionPlan("teacher_forcing", block_size), clean=x_gt)
     elif mode == "cached":
         blocks, block_states = [], []
 
@@ -68,3 +90,64 @@ def generate_pairs(teacher, x_gt: Tensor, cond: Cond, noise: Tensor, *, block_si
     else:
         raise ValueError(f"unknown ODE-pair mode {mode!r}; choose cached or packed")
     return ODEPairs(states, anchors.float(), endpoint, x_gt)
+
+
+class ODERegression:
+    """x0-MSE of the student at the stored anchor states; the batch's `extra` holds states and endpoint."""
+
+    def __init__(self, model, *, anchors: Tensor, block_size: int, teacher_kind: str = "causal") -> None:
+        if teacher_kind not in TEACHERS:
+            raise ValueError(f"unknown ODE teacher {teacher_kind!r}; choose one of {TEACHERS}")
+        self.model, self.anchors, self.kind = model, anchors.float(), teacher_kind
+        self.block_size = block_size
+        kind = "teacher_forcing" if teacher_kind == "causal" else "block_causal"
+        self.plan = AttentionPlan(kind, block_size)
+        self.roles = {"model": model}
+
+    def inputs(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(x_in [B, F, C, H, W], sigma [B, F]): the student's noisy input and its per-frame sigma."""
+        states = batch.extra["states"]  # [B, A, F, C, H, W]
+        B, A, F = states.shape[:3]
+        if A != len(self.anchors):
+            raise ValueError(f"pair store has {A} anchors, the objective expects {len(self.anchors)}")
+        if self.kind == "causal":  # one anchor per video, shared by all frames (spec §5.2)
+            j = torch.randint(0, A, (B, 1), generator=generator).expand(B, F)  # [B, F]
+        else:  # independent anchor per block (SF, spec §11); frames of a block share it (spec §12.23)
+            nb = -(-F // self.block_size)
+            j = torch.randint(0, A, (B, nb), generator=generator).repeat_interleave(self.block_size, 1)[:, :F]
+        j = j.to(states.device)
+        x_in = states.gather(1, j[:, None, :, None, None, None].expand(B, 1, F, *states.shape[3:]))[:, 0]
+        return x_in, self.anchors.to(states.device)[j]
+
+    def losses(self, batch: Batch, step: int, generator: torch.Generator) -> Losses:
+        x_in, sigma = self.inputs(batch, generator)
+        clean = batch.video if self.kind == "causal" else None  # GT context for the causal student only
+        x0 = self.model.x0(x_in, sigma, batch.cond, plan=self.plan, clean=clean)
+        loss = (x0 - batch.extra["endpoint"]).pow(2).mean()
+        return {"model": (loss, {"loss": loss.item()})}
+
+
+def write_pairs(store, teacher, source, *, block_size: int, steps: int, shift: float, anchors: Tensor,
+                guidance: float, seed: int, mode: str = "cached", teacher_kind: str = "causal",
+                progress: bool = True) -> None:
+    """Fill the missing shards of `store` (data/trajectories.py); resumable, with a progress bar.
+
+    Shard i draws its videos and noise from Generator(seed, i) only, so a resumed generation writes
+    exactly the shards an uninterrupted one would have.
+    """
+    from tqdm.auto import tqdm
+
+    todo = store.missing()
+    bar = tqdm(total=store.num_shards, initial=store.num_shards - len(todo), disable=not progress,
+               desc="ode pairs (shards)", dynamic_ncols=True)
+    for i in todo:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        batch = source.batch(store.shard_len(i), g)
+        noise = torch.randn(batch.video.shape, generator=g).to(batch.video)
+        cfg = Guidance(guidance, batch.null) if guidance != 1.0 else None
+        pairs = generate_pairs(teacher, batch.video, batch.cond, noise, block_size=block_size, steps=steps,
+                               shift=shift, anchors=anchors, guidance=cfg, mode=mode, teacher_kind=teacher_kind)
+        store.write(i, {"states": pairs.states, "endpoint": pairs.endpoint, "clean": pairs.clean,
+                        "text": batch.cond.text, "null": batch.null.text}, batch.captions)
+        bar.update(1)
+    bar.close()

@@ -7,7 +7,10 @@ samples and checkpoints; it does not know which method it trains. Per step:
     for micro-batch: losses = objective.losses(source.batch(B, g), step, g); (loss / accum).backward()
     for each name returned: clip, optimiser step, EMA update
 
-A step that returns only some names (DMD's critic-only steps) steps only those optimisers.
+A step that returns only some names (DMD's critic-only steps) steps only those optimisers. Three optional
+objective attributes keep method details out of the loop: `ema_roles` (which roles keep an EMA; default
+all), `after_update(name)` (called after each optimiser step, e.g. CD's target network) and
+`state_modules()` (extra networks saved in and restored from checkpoints, e.g. that target).
 """
 
 from __future__ import annotations
@@ -68,7 +71,9 @@ class Trainer:
             self.optimizers[name] = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas,
                                                       weight_decay=spec.weight_decay)
         self.base_lr = {n: o.param_groups[0]["lr"] for n, o in self.optimizers.items()}
-        self.ema = {n: EMA(m, t.ema_decay) for n, m in self.roles.items()} if t.ema_decay > 0 else {}
+        ema_roles = getattr(objective, "ema_roles", tuple(self.roles))
+        self.ema = {n: EMA(self.roles[n], t.ema_decay) for n in ema_roles} if t.ema_decay > 0 else {}
+        self.extra = objective.state_modules() if hasattr(objective, "state_modules") else {}
         self.ckpt_root = self.run_dir / "ckpt"
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.state = TrainState()
@@ -92,6 +97,7 @@ class Trainer:
     def save(self, step: int) -> Path:
         weights = {n: m.state_dict() for n, m in self.roles.items()}
         weights.update({f"ema_{n}": e.state_dict() for n, e in self.ema.items()})
+        weights.update({f"obj_{n}": m.state_dict() for n, m in self.extra.items()})
         meta = {**self.meta, "config": to_dict(self.cfg), "roles": sorted(self.roles),
                 "ema": sorted(self.ema)}
         state = {"step": step, "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()}}
@@ -110,6 +116,8 @@ class Trainer:
             ckpt.load_weights(m, last, n)
         for n, e in self.ema.items():
             e.load_state_dict(ckpt.load_state_dict(last, f"ema_{n}"))
+        for n, m in self.extra.items():
+            ckpt.load_weights(m, last, f"obj_{n}")
         state = ckpt.load_state(last)
         for n, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][n])
@@ -164,6 +172,8 @@ class Trainer:
                     sums[f"{name}/grad_norm"] = float(gn)
                 if name in self.ema and step >= t.ema_start:
                     self.ema[name].update(self.roles[name])
+                if hasattr(self.objective, "after_update"):
+                    self.objective.after_update(name)
             done = step + 1
             bar.update(1)
             main = next((v for k, v in sums.items() if k.endswith("/loss")), None)

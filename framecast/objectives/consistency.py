@@ -1,0 +1,89 @@
+"""Stage 2b: causal consistency distillation (Causal Forcing++, spec §6).
+
+Per step, for clean ground-truth videos x_gt and one grid index n ~ U{0..N-2} per video (all its frames):
+
+    x_n      = (1 - s_n) x_gt + s_n eps                                    every frame at the same level
+    x_{n+1}  = x_n + (s_{n+1} - s_n) v_T^cfg(x_n, s_n | clean = x_gt)      ONE online Euler step, no grad
+    pred     = G_theta(x_n, s_n | clean = x_gt)          x0 = x - s v      with grad
+    target   = G_target(x_{n+1}, s_{n+1} | clean = x_gt)                   EMA target network, no grad
+    L        = mean (pred - target)^2
+
+The teacher T is the frozen Stage-1 AR model, the context is the clean ground truth through the
+teacher-forcing plan, and the sigmas are the exact fp32 grid (the reference's bf16 timesteps make its
+first Euler step ~6 % short, spec §12.6). The grid must contain the few-step sigmas (spec §12.3). The pair
+(N-1 -> N) is never trained: the map near sigma 0 is anchored by the x - s v parameterisation and the
+Stage-1 initialisation (spec §12.5). After every student update the target moves towards it with
+`target_decay` (`after_update`, called by the trainer) and is saved with the checkpoint (`state_modules`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .. import flow
+from ..data.batch import Batch
+from ..models.attention import AttentionPlan
+from ..models.denoiser import Guidance
+from . import Losses
+
+Tensor = torch.Tensor
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """A teacher: eval mode, no parameter takes gradients."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class CausalCD:
+    def __init__(self, model, teacher, *, steps: int, shift: float, block_size: int, guidance: float,
+                 target_decay: float, few_step_sigmas: Tensor | None = None) -> None:
+        if steps < 2:
+            raise ValueError(f"CD needs a grid of at least 2 steps, got {steps}")
+        if not 0.0 <= target_decay < 1.0:
+            raise ValueError(f"distill.target_decay must be in [0, 1), got {target_decay}")
+        if few_step_sigmas is not None:
+            flow.grid_indices(few_step_sigmas.to(torch.float64), steps, shift)  # raises if a sigma is off-grid
+        self.model, self.teacher = model, freeze(teacher)
+        self.target = freeze(copy.deepcopy(model))  # theta^- starts at the student's initialisation
+        self.sigmas = flow.grid(steps, shift).float()  # [N + 1], ends at 0
+        self.steps, self.guidance, self.decay = steps, guidance, target_decay
+        self.plan = AttentionPlan("teacher_forcing", block_size)
+        self.roles = {"model": model}
+
+    def state_modules(self) -> dict[str, nn.Module]:
+        return {"target": self.target}
+
+    @torch.no_grad()
+    def after_update(self, name: str) -> None:
+        """theta^- <- d theta^- + (1 - d) theta, after each student step (spec §6)."""
+        for t, s in zip(self.target.parameters(), self.model.parameters()):
+            t.lerp_(s.detach().to(t.dtype), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def teacher_step(self, x: Tensor, n: Tensor, batch: Batch) -> Tensor:
+        """One Euler step of the teacher's CFG ODE from grid point n to n + 1 (per video)."""
+        s, s_next = self._sig(n, x), self._sig(n + 1, x)
+        g = Guidance(self.guidance, batch.null) if self.guidance != 1.0 else None
+        v = self.teacher.velocity(x, s, batch.cond, guidance=g, plan=self.plan, clean=batch.video)
+        return flow.euler_step(x, v, s, s_next)
+
+    def _sig(self, n: Tensor, x: Tensor) -> Tensor:
+        return self.sigmas.to(x.device)[n][:, None].expand(x.shape[:2])  # [B, F], one level per video
+
+    def losses(self, batch: Batch, step: int, generator: torch.Generator) -> Losses:
+        x_gt = batch.video  # [B, F, C, H, W]
+        n = torch.randint(0, self.steps - 1, (x_gt.shape[0],), generator=generator).to(x_gt.device)  # [B]
+        eps = torch.randn(x_gt.shape, generator=generator).to(x_gt)
+        x_n = flow.add_noise(x_gt, eps, self._sig(n, x_gt))
+        x_next = self.teacher_step(x_n, n, batch)
+        with torch.no_grad():
+            target = self.target.x0(x_next, self._sig(n + 1, x_gt), batch.cond, plan=self.plan, clean=x_gt)
+        pred = self.model.x0(x_n, self._sig(n, x_gt), batch.cond, plan=self.plan, clean=x_gt)
+        loss = (pred - target).pow(2).mean()
+        return {"model": (loss, {"loss": loss.item()})}

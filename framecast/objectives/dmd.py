@@ -1,0 +1,110 @@
+"""Stage 3: asymmetric DMD with self-rollout (Self Forcing, kept unchanged by Causal Forcing; spec §7).
+
+Networks: the causal few-step generator G (role `model`), a bidirectional fake score / critic (role
+`critic`, initialised from the bidirectional base, spec §7.1) and the frozen bidirectional real score.
+
+Self-rollout (spec §7.2). The generator streams the whole video through `rollout` with the `few_step`
+sampler and its KV cache: one random exit step e per iteration shared by all blocks (the first block draws
+its own e0 for its own schedule, spec §7.6), only the exit forward keeps grad, the context is committed
+without grad. The data are never used: DMD is data-free (spec §12.19).
+
+Generator loss (spec §7.3), one sigma per video, s = clamp(shift(U{0..999}/1000), min, max):
+
+    x_s = (1 - s) x~ + s eps;   x_fake = D_fake(x_s, s);   x_real = cfg(D_real(x_s, s))        no grad
+    g   = (x_fake - x_real) / mean_{F,C,H,W} |x~ - x_real|                                     per video
+    L_G = 0.5 mean (x~ - sg(x~ - g))^2              =>  dL_G / dx~ = g / numel
+
+Critic loss (spec §7.4): flow matching on the detached rollout, mean (v_fake(x_s, s) - (eps - x~))^2.
+
+Schedule (spec §7.5): every step trains the critic; every `critic_ratio`-th step (step % ratio == 0) also
+trains the generator. Here both use the same rollout in a generator step (the reference draws a second
+batch for the critic), which saves one rollout per generator step on CPU. The trainer steps only the
+optimisers whose names a step returns, and updates the generator's EMA only on its own steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import flow
+from ..data.batch import Batch
+from ..models.denoiser import Guidance
+from ..rollout import generate
+from ..sampling import few_step
+from . import Losses
+from .consistency import freeze
+
+Tensor = torch.Tensor
+
+
+class AsymmetricDMD:
+    ema_roles = ("model",)  # the critic keeps no EMA
+
+    def __init__(self, model, critic, real, *, sigmas: Tensor, first_sigmas: Tensor | None, block_size: int,
+                 shift: float, real_guidance: float, critic_ratio: int, sigma_min: float, sigma_max: float,
+                 context_sigma: float = 0.0, num_train_timesteps: int = 1000) -> None:
+        if critic_ratio < 1:
+            raise ValueError(f"distill.critic_ratio must be >= 1, got {critic_ratio}")
+        if not 0.0 < sigma_min < sigma_max <= 1.0:
+            raise ValueError(f"need 0 < dmd_sigma_min < dmd_sigma_max <= 1, got {sigma_min}, {sigma_max}")
+        self.model, self.critic, self.real = model, critic, freeze(real)
+        self.sigmas, self.first_sigmas = sigmas.float(), None if first_sigmas is None else first_sigmas.float()
+        self.block_size, self.shift, self.ratio = block_size, shift, critic_ratio
+        self.real_guidance, self.context_sigma = real_guidance, context_sigma
+        self.sigma_min, self.sigma_max, self.T = sigma_min, sigma_max, num_train_timesteps
+        self.roles = {"model": model, "critic": critic}
+
+    def exit_steps(self, generator: torch.Generator) -> tuple[int, int | None]:
+        """One exit index for every block, and its own for the first block's schedule (spec §12.12)."""
+        e = int(torch.randint(0, len(self.sigmas), (1,), generator=generator))
+        e0 = None
+        if self.first_sigmas is not None:
+            e0 = int(torch.randint(0, len(self.first_sigmas), (1,), generator=generator))
+        return e, e0
+
+    def self_rollout(self, batch: Batch, generator: torch.Generator) -> Tensor:
+        """x~ [B, F, C, H, W]: the generator's own video, stopped at a random exit step (spec §7.2)."""
+        B, F = batch.video.shape[:2]
+        e, e0 = self.exit_steps(generator)
+        noise = torch.randn(batch.video.shape, generator=generator).to(batch.video)
+        return generate(self.model, noise, batch.cond, sampler=few_step, sigmas=self.sigmas,
+                        first_sigmas=self.first_sigmas, block_size=self.block_size, exit_step=e, first_exit_step=e0,
+                        context_sigma=self.context_sigma, renoise_context=self.context_sigma > 0,
+                        generator=generator)
+
+    def dmd_sigma(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        """[B] one level per video: shift(U{0..T-1} / T) clamped to [min, max] (spec §7.3, §12.11)."""
+        u = torch.randint(0, self.T, (batch_size,), generator=generator).double() / self.T
+        return flow.shift(u, self.shift).clamp(self.sigma_min, self.sigma_max).float()
+
+    def _noised(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        s = self.dmd_sigma(x.shape[0], generator).to(x.device)[:, None].expand(x.shape[:2])  # [B, F]
+        eps = torch.randn(x.shape, generator=generator).to(x)
+        return flow.add_noise(x, eps, s), s, eps
+
+    def generator_loss(self, x: Tensor, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict]:
+        xs, s, _ = self._noised(x.detach(), generator)
+        with torch.no_grad():
+            x_fake = self.critic.x0(xs, s, batch.cond)  # fake score: no CFG (spec §12.1)
+            g = Guidance(self.real_guidance, batch.null) if self.real_guidance != 1.0 else None
+            x_real = self.real.x0(xs, s, batch.cond, guidance=g)
+            norm = (x.detach() - x_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)  # [B, 1, 1, 1, 1]
+            grad = torch.nan_to_num((x_fake - x_real) / norm)
+        loss = 0.5 * (x.double() - (x.detach() - grad).double()).pow(2).mean()  # float64 as the reference
+        return loss.float(), {"loss": loss.item(), "grad_norm_dmd": grad.norm().item() / grad.shape[0] ** 0.5}
+
+    def critic_loss(self, x: Tensor, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict]:
+        xs, s, eps = self._noised(x.detach(), generator)
+        v = self.critic.velocity(xs, s, batch.cond)
+        loss = (v - flow.velocity_target(x.detach(), eps)).pow(2).mean()
+        return loss, {"loss": loss.item()}
+
+    def losses(self, batch: Batch, step: int, generator: torch.Generator) -> Losses:
+        gen_step = step % self.ratio == 0
+        with torch.set_grad_enabled(gen_step):
+            x = self.self_rollout(batch, generator)
+        out: Losses = {}
+        if gen_step:
+            out["model"] = self.generator_loss(x, batch, generator)
+        out["critic"] = self.critic_loss(x, batch, generator)
+        return out
