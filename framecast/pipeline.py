@@ -343,6 +343,9 @@ def _finished(cfg: C.RunConfig) -> Path | None:
     if last is None:
         return None
     meta = ckpt.read_meta(last)
+    if meta.get("step", 0) > cfg.train.steps:
+        raise ckpt.CheckpointError(f"{cfg.run_dir} holds a run of {meta['step']} steps, more than train.steps="
+                                   f"{cfg.train.steps}; use another name= or move it away")
     if meta.get("step") != cfg.train.steps:
         return None  # unfinished: the trainer resumes it
     if meta.get("config") != C.to_dict(cfg):
