@@ -144,6 +144,8 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=start, disable=not t.progress, desc=f"{self.cfg.stage}",
                    dynamic_ncols=True, leave=True)
         t0 = time.perf_counter()
+        window: dict[str, list[float]] = {}  # values since the last log row: rows hold means, so a loss that
+        # only some steps return (DMD's generator every `critic_ratio` steps) is never dropped from the log
         for step in range(start, t.steps):
             self._set_lr(step)
             g = step_generator(t.seed, step)
@@ -179,8 +181,12 @@ class Trainer:
             main = next((v for k, v in sums.items() if k.endswith("/loss")), None)
             if main is not None and math.isfinite(main):
                 bar.set_postfix(loss=f"{main:.4f}")
+            for k, v in sums.items():
+                window.setdefault(k, []).append(v)
             if step == start or done % max(t.log_every, 1) == 0 or done == t.steps:
-                self._log({"step": done, "time": round(time.perf_counter() - t0, 3), **sums})
+                means = {k: sum(v) / len(v) for k, v in window.items()}
+                self._log({"step": done, "time": round(time.perf_counter() - t0, 3), **means})
+                window = {}
             if t.sample_every and done % t.sample_every == 0 and done != t.steps and self.sample_fn:
                 self._sample(done)
             if t.ckpt_every and done % t.ckpt_every == 0 and done != t.steps:
