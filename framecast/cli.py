@@ -1,7 +1,8 @@
-"""`framecast <verb>`: train, pipeline, sample, quickstart.
+"""`framecast <verb>`: train, pairs, pipeline, sample, quickstart.
 
     framecast train --config configs/toy.yaml stage=stage1 init=runs/toy/stage0 train.steps=200
     framecast pipeline --recipe configs/toy_framewise_2step.yaml      # stage0 -> 1 -> cd -> dmd, resumable
+    framecast pairs --config configs/toy.yaml distill.teacher=runs/toy/stage1     # ODE pairs only
     framecast sample --ckpt runs/toy/stage1 --prompt "a red circle moving right slow" --frames 16
     framecast quickstart                      # the main job on the toy, then a streamed sample + report
 
@@ -26,6 +27,14 @@ def _train(args: argparse.Namespace) -> None:
     cfg = C.load(args.config, args.overrides)
     path = train_stage(cfg)
     print(f"checkpoint: {path}")
+
+
+def _pairs(args: argparse.Namespace) -> None:
+    from .pipeline import make_pairs
+
+    cfg = C.load(args.config, ["stage=ode", *args.overrides])
+    store = make_pairs(cfg)
+    print(f"pair store: {store.root} ({store.manifest['num_pairs']} trajectories in {store.num_shards} shards)")
 
 
 def _pipeline(args: argparse.Namespace) -> None:
@@ -81,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("overrides", nargs="*", help="strict overrides, e.g. train.steps=100 model.preset=toy")
     t.set_defaults(fn=_train)
 
+    o = sub.add_parser("pairs", help="generate (or finish) the ODE-pair store of an ode stage; resumable")
+    o.add_argument("--config", default=None, help="YAML recipe (the ode stage's config)")
+    o.add_argument("overrides", nargs="*", help="e.g. distill.teacher=runs/toy/stage1 distill.num_pairs=512")
+    o.set_defaults(fn=_pairs)
+
     r = sub.add_parser("pipeline", help="run a recipe's stages in order (stage0 -> stage1 -> ode|cd -> dmd)")
     r.add_argument("--recipe", required=True, help="recipe YAML (configs/toy_*.yaml)")
     r.add_argument("--out", default="runs", help="where runs are written")
@@ -113,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     q.set_defaults(fn=_quickstart)
 
     args = p.parse_args(argv)
+    from .data.trajectories import PairStoreError
     from .train.checkpoint import CheckpointError
 
     try:
         args.fn(args)
-    except (C.ConfigError, CheckpointError, ValueError) as e:
+    except (C.ConfigError, CheckpointError, PairStoreError, ValueError) as e:
         print(f"framecast: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -200,6 +200,31 @@ def _load_role(path: str, what: str, want: str, cfg: C.RunConfig) -> Denoiser:
     return model
 
 
+def make_pairs(cfg: C.RunConfig, source=None):
+    """Generate (or finish) the ODE-pair store of an `ode` stage and return it (spec §5.1); resumable."""
+    from .data.trajectories import PairStore
+    from .objectives.ode import TEACHERS, write_pairs
+
+    d = cfg.distill
+    if d.ode_teacher not in TEACHERS:
+        raise C.ConfigError(f"distill.ode_teacher must be one of {TEACHERS}, got {d.ode_teacher!r}")
+    want = "bidirectional" if d.ode_teacher == "bidirectional" else "causal"
+    teacher = _load_role(d.teacher, "teacher", want, cfg)
+    if source is None:
+        text = build_text_encoder(cfg.data.text_encoder, cfg.model.text_dim, cfg.data.text_tokens, cfg.data.seed)
+        source = build_source(cfg.data, text, IdentityCodec(cfg.model.in_channels))
+    anchors = ode_anchors(cfg)
+    manifest = {"teacher": str(ckpt.resolve(d.teacher)), "teacher_kind": d.ode_teacher,
+                "grid_steps": d.grid_steps, "shift": cfg.flow.shift, "anchors": anchors.tolist(),
+                "guidance": d.guidance, "block_size": cfg.objective.block_size, "num_pairs": d.num_pairs,
+                "shard_size": d.shard_size, "seed": cfg.train.seed, "data": C.to_dict(cfg.data)}
+    store = PairStore(d.pairs_dir or cfg.run_dir / "pairs", manifest)
+    write_pairs(store, teacher, source, block_size=cfg.objective.block_size, steps=d.grid_steps,
+                shift=cfg.flow.shift, anchors=anchors, guidance=d.guidance, seed=cfg.train.seed,
+                mode=d.pair_mode, teacher_kind=d.ode_teacher, progress=cfg.train.progress)
+    return store
+
+
 @dataclass
 class StagePlan:
     objective: Any
@@ -216,23 +241,11 @@ def _plan_stage(cfg: C.RunConfig, model: Denoiser, source) -> StagePlan:
         obj_cfg = C.ObjectiveConfig(**{**C.to_dict(cfg.objective), "mode": stage_mode(cfg)})
         return StagePlan(FlowMatching(model, cfg.flow, obj_cfg), source, {})
     if cfg.stage == "ode":
-        from .data.trajectories import PairSource, PairStore
-        from .objectives.ode import TEACHERS, ODERegression, write_pairs
+        from .data.trajectories import PairSource
+        from .objectives.ode import ODERegression
 
-        if d.ode_teacher not in TEACHERS:
-            raise C.ConfigError(f"distill.ode_teacher must be one of {TEACHERS}, got {d.ode_teacher!r}")
-        want = "bidirectional" if d.ode_teacher == "bidirectional" else "causal"
-        teacher = _load_role(d.teacher, "teacher", want, cfg)
-        anchors = ode_anchors(cfg)
-        manifest = {"teacher": str(ckpt.resolve(d.teacher)), "teacher_kind": d.ode_teacher,
-                    "grid_steps": d.grid_steps, "shift": cfg.flow.shift, "anchors": anchors.tolist(),
-                    "guidance": d.guidance, "block_size": cfg.objective.block_size, "num_pairs": d.num_pairs,
-                    "shard_size": d.shard_size, "seed": cfg.train.seed, "data": C.to_dict(cfg.data)}
-        store = PairStore(d.pairs_dir or cfg.run_dir / "pairs", manifest)
-        write_pairs(store, teacher, source, block_size=cfg.objective.block_size, steps=d.grid_steps,
-                    shift=cfg.flow.shift, anchors=anchors, guidance=d.guidance, seed=cfg.train.seed,
-                    mode=d.pair_mode, teacher_kind=d.ode_teacher, progress=cfg.train.progress)
-        objective = ODERegression(model, anchors=anchors, block_size=cfg.objective.block_size,
+        store = make_pairs(cfg, source)
+        objective = ODERegression(model, anchors=ode_anchors(cfg), block_size=cfg.objective.block_size,
                                   teacher_kind=d.ode_teacher)
         return StagePlan(objective, PairSource(store), {})
     if cfg.stage == "cd":

@@ -15,14 +15,24 @@ teacher's exact (RK4) flow map at the sigmas the schedule visits, with ground-tr
 of the streamed few-step sampler (frame 2 generated from the student's own frame 1): mass of frame 1 in
 |x| < 0.5, sign agreement of the two frames, W1 of frame 1 to the data. `pytest -s` prints the table.
 
-Budget choices (measured on 2 shared CPU cores, one thread): batch 512, 400/200/300/300 steps, lr 1e-3
-annealed linearly to 0. Two departures from the reference settings, both measured:
+Budget choices (measured on 2 shared CPU cores, one thread; the file runs in ~25 s on a quiet machine,
+~30-40 s next to another job): batch 256, 400/200/300/300 steps (stage 1/ode/cd/bi), lr 1e-3 annealed
+linearly to 0. Batch 512 gave the same numbers within seed noise at twice the cost. Two departures from
+the reference settings, both measured:
 * CD target decay 0 (the target is the student's stop-grad copy after each update, as in improved
-  consistency training) instead of 0.99: information travels about one grid level per 1/(1 - decay) steps
-  and 40 of the 48 levels lie above sigma 0.5, so after 300 steps the 0.99 target had moved the sigma=1
-  map from 0.95 (the stage-1 init's E[x0]) to only 0.94 RMS error, 0.9 reached 0.70; decay 0 reaches 0.15.
+  consistency training) instead of 0.99. Information travels about one grid level per 1/(1 - decay)
+  steps and 40 of the 48 shift-5 levels lie above sigma 0.5. After 300 steps the sigma = 1 RMS error
+  (frame 1) was 0.945 with decay 0.99 (the init's 0.94: the front had only reached sigma ~0.5), 0.65
+  with 0.9 and 0.15 with 0; even 3000 steps at 0.99 left it at 0.70 (sigma .9375: 0.33, .8333: 0.18).
+  Longer CD at decay 0 helps little (600 steps: 0.13): the never-trained last level (sigma 0.096,
+  spec §12.5) drifts, its error growing from 0.02 (init) to ~0.045, and the map shrinks slightly
+  (mean |x1| 0.97).
 * The baseline regresses onto very noisy targets (the future noise decides the sign), so in 300 steps it is
-  still on its way to E[x0^1 | eps^1] (near-zero mass 0.31; 2000 steps: 0.45, spec's optimum 0.48).
+  still on its way to E[x0^1 | eps^1] (near-zero mass 0.29; 2000 steps: 0.45; the optimum ~0.48).
+
+Thresholds: the measured value (seed 0, as run here) and the range over 3 further seeds (all seeds of the
+fixture shifted) are in the comments; each bound keeps ~2x margin to that range where the separation from
+the other side allows.
 """
 
 from __future__ import annotations
@@ -206,6 +216,7 @@ def _evaluate(model, toy: VectorMixture, data: dict) -> dict:
         # distance of frame 1 to the bidirectional baseline's optimum mu (2 Phi(eps^1) - 1) (1-step only)
         m["cond_exp"] = float(ev.rms(x[:, :1], data["cond_exp"]).max())
         out[k] = m
+    out["per_anchor"] = errs
     return out
 
 
@@ -271,9 +282,14 @@ def students(toy):
     print(f"{'student':8s} {'k':>2s} {'flow':>7s} {'near0':>7s} {'sign':>7s} {'w1':>7s} {'w1_last':>7s} "
           f"{'to E[x0|eps]':>12s}")
     for name, per_k in results.items():
-        for k, m in per_k.items():
+        for k in SCHEDULES:
+            m = per_k[k]
             print(f"{name:8s} {k:2d} {m['flow']:7.4f} {m['near_zero']:7.4f} {m['sign']:7.4f} {m['w1']:7.4f} "
                   f"{m['w1_last']:7.4f} {m['cond_exp']:12.4f}")
+    print("flow-map RMS per anchor sigma", [round(v, 4) for v in ANCHORS.tolist()], "(frame 1 / frame 2):")
+    for name, per_k in results.items():
+        e = per_k["per_anchor"]
+        print(f"{name:8s}", "  ".join(f"{a:.3f}/{b:.3f}" for a, b in e.tolist()))
     print("seconds:", {k: round(v, 1) for k, v in times.items()}, f"total {time.perf_counter() - t0:.1f}")
     return results
 
@@ -286,30 +302,38 @@ def students(toy):
 def test_stage1_init_is_not_yet_a_few_step_generator(students):
     """Reference point: the shared init's 1-step output is E[x0^1] ~ 0, so everything below is learned."""
     m = students["stage1"][1]
-    assert m["near_zero"] > 0.9 and m["flow"] > 0.8
+    assert m["near_zero"] > 0.9, m  # 0.982
+    assert m["flow"] > 0.8, m  # 0.935
+
+
+# Causal students, per metric: bound, with the measured values (seed 0: k = 1 / 2 / 4; other seeds: range over k).
+# flow = RMS of x0 vs the exact AR flow map, worst frame and worst sigma the schedule visits (sigma = 1 dominates).
+CAUSAL_MAX = {
+    "ode": {"flow": 0.16,  # 0.077 / 0.077 / 0.077; seeds 0.067-0.081
+            "near_zero": 0.03,  # 0.007 / 0.007 / 0.002; seeds <= 0.008
+            "w1": 0.15},  # frame 1 0.052 / 0.074 / 0.062, last frame 0.040 / 0.071 / 0.054; seeds <= 0.072
+    "cd": {"flow": 0.30,  # 0.156 / 0.156 / 0.156; seeds 0.145-0.169 (baseline: 0.44)
+           "near_zero": 0.08,  # 0.026 / 0.024 / 0.014; seeds <= 0.036
+           "w1": 0.25},  # frame 1 0.078 / 0.085 / 0.103, last frame 0.104 / 0.122 / 0.130; seeds <= 0.135
+}
+SIGN_MIN = 0.985  # ode 0.9985 / 0.9995 / 1.0, cd 0.998 / 0.999 / 0.9995; seeds >= 0.995 (baseline: 0.86)
 
 
 @pytest.mark.parametrize("name", ["ode", "cd"])
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_causal_students_match_the_ar_flow_map(students, name, k):
-    m = students[name][k]
-    assert m["flow"] < FLOW_MAX[name], m
-    assert m["near_zero"] < 0.08, m
-    assert m["sign"] > 0.99, m
-    assert m["w1"] < W1_MAX[name] and m["w1_last"] < W1_MAX[name], m
+    m, bound = students[name][k], CAUSAL_MAX[name]
+    assert m["flow"] < bound["flow"], m
+    assert m["near_zero"] < bound["near_zero"], m  # bimodal at +-1: no conditional-expectation mass
+    assert m["sign"] > SIGN_MIN, m  # frame 2 follows the sign of the student's own frame 1
+    assert m["w1"] < bound["w1"] and m["w1_last"] < bound["w1"], m
 
 
 def test_bidirectional_baseline_learns_the_conditional_expectation(students):
+    """Spec §9.2 (a) at 1 step: the SF-style student's frame 1 is mu (2 Phi(eps^1) - 1), not the flow map."""
     m = students["bi"][1]
-    assert m["near_zero"] > 0.2, m  # mass near zero (spec §9.2 (a)); the causal students put < 0.08 there
-    assert m["sign"] < 0.93, m  # wrong sign agreement; the causal students > 0.99
-    assert m["w1"] > 0.25, m
-    assert m["flow"] > 0.3, m  # far from the AR flow map ...
-    assert m["cond_exp"] < 0.25, m  # ... and close to mu (2 Phi(eps^1) - 1)
-    for name in ("ode", "cd"):
-        causal = students[name][1]
-        assert m["near_zero"] > 4 * causal["near_zero"] and m["w1"] > 3 * causal["w1"]
-
-
-FLOW_MAX = {"ode": 1.0, "cd": 1.0}
-W1_MAX = {"ode": 1.0, "cd": 1.0}
+    assert m["near_zero"] > 0.15, m  # 0.292; seeds 0.258-0.309 (causal students < 0.04; the optimum 0.48)
+    assert m["sign"] < 0.95, m  # 0.857; seeds 0.871-0.904 (causal students > 0.995)
+    assert m["w1"] > 0.25, m  # 0.397; seeds 0.357-0.377 (causal students < 0.11)
+    assert m["flow"] > 0.3, m  # 0.439; seeds 0.416-0.438: far from the AR flow map ...
+    assert m["cond_exp"] < 0.3, m  # 0.143; seeds 0.149-0.177: ... and near E[x0^1 | eps^1] (causal: > 0.48)

@@ -138,8 +138,9 @@ def write_pairs(store, teacher, source, *, block_size: int, steps: int, shift: f
     from tqdm.auto import tqdm
 
     todo = store.missing()
-    bar = tqdm(total=store.num_shards, initial=store.num_shards - len(todo), disable=not progress,
-               desc="ode pairs (shards)", dynamic_ncols=True)
+    total = int(store.manifest["num_pairs"])
+    bar = tqdm(total=total, initial=total - sum(store.shard_len(i) for i in todo), disable=not progress,
+               desc="ode pairs", unit="traj", dynamic_ncols=True)
     for i in todo:
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
         batch = source.batch(store.shard_len(i), g)
@@ -149,5 +150,5 @@ def write_pairs(store, teacher, source, *, block_size: int, steps: int, shift: f
                                shift=shift, anchors=anchors, guidance=cfg, mode=mode, teacher_kind=teacher_kind)
         store.write(i, {"states": pairs.states, "endpoint": pairs.endpoint, "clean": pairs.clean,
                         "text": batch.cond.text, "null": batch.null.text}, batch.captions)
-        bar.update(1)
+        bar.update(store.shard_len(i))
     bar.close()
