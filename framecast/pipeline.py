@@ -349,6 +349,15 @@ def _resolve_refs(cfg: C.RunConfig, done: dict[str, StageResult], key: str) -> C
     return C.from_dict(update, base=cfg)
 
 
+RUNTIME_KEYS = ("threads", "progress")  # how a run was executed, not what it trained
+
+
+def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A config without its runtime-only keys: reusing a finished stage compares these."""
+    train = {k: v for k, v in cfg.get("train", {}).items() if k not in RUNTIME_KEYS}
+    return {**cfg, "train": train}
+
+
 def _finished(cfg: C.RunConfig) -> Path | None:
     """The final checkpoint of a finished run with this exact config; an error if it was made otherwise."""
     root = cfg.run_dir / "ckpt"
@@ -361,8 +370,8 @@ def _finished(cfg: C.RunConfig) -> Path | None:
                                    f"{cfg.train.steps}; use another name= or move it away")
     if meta.get("step") != cfg.train.steps:
         return None  # unfinished: the trainer resumes it
-    if meta.get("config") != C.to_dict(cfg):
-        saved, now = meta.get("config", {}), C.to_dict(cfg)
+    saved, now = _identity(meta.get("config", {})), _identity(C.to_dict(cfg))
+    if saved != now:
         diff = sorted(f"{s}.{k}" for s in now for k in (now[s] if isinstance(now[s], dict) else {})
                       if isinstance(saved.get(s), dict) and saved[s].get(k) != now[s][k])
         raise ckpt.CheckpointError(f"{cfg.run_dir} already holds a finished run with other settings "
