@@ -151,11 +151,11 @@ def sample(model: Denoiser, meta: dict[str, Any], cond: Cond, null: Cond, *, num
     noise = torch.randn(cond.batch, num_frames, C_, H, W, generator=g).to(cond.text.device)
     first = None
     if name == "few_step":
+        first = torch.tensor(meta["first_sigmas"]) if meta.get("first_sigmas") else None  # trained with it
         if denoising_steps:
             sigmas = flow.few_step_sigmas(denoising_steps, meta["shift"]).float()
         elif "sigmas" in meta:
             sigmas = torch.tensor(meta["sigmas"])
-            first = torch.tensor(meta["first_sigmas"]) if meta.get("first_sigmas") else None
         else:
             raise ValueError("this checkpoint has no few-step schedule; give denoising_steps")
     else:
@@ -372,8 +372,9 @@ def _finished(cfg: C.RunConfig) -> Path | None:
         return None  # unfinished: the trainer resumes it
     saved, now = _identity(meta.get("config", {})), _identity(C.to_dict(cfg))
     if saved != now:
-        diff = sorted(f"{s}.{k}" for s in now for k in (now[s] if isinstance(now[s], dict) else {})
-                      if isinstance(saved.get(s), dict) and saved[s].get(k) != now[s][k])
+        diff = sorted([k for k in now if not isinstance(now[k], dict) and saved.get(k) != now[k]]
+                      + [f"{s}.{k}" for s in now if isinstance(now[s], dict) for k in now[s]
+                         if not isinstance(saved.get(s), dict) or saved[s].get(k) != now[s][k]])
         raise ckpt.CheckpointError(f"{cfg.run_dir} already holds a finished run with other settings "
                                    f"({', '.join(diff[:3]) or 'different config'}); use another name= or "
                                    f"move it away")

@@ -583,9 +583,6 @@ def test_a_corrupt_shard_names_the_file(pair_store, damage):
     assert PairSource(PairStore(pair_store, MANIFEST)).size == 5
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: PairStore.load does f.metadata()['captions'] without checking that "
-                   "the shard has a metadata header; safe_open returns None there and the TypeError escapes "
-                   "instead of a PairStoreError naming the file")
 def test_a_shard_without_metadata_names_the_file(pair_store):
     store = PairStore(pair_store, MANIFEST)
     path = store.shard_path(0)
@@ -919,9 +916,6 @@ def test_recipe_refuses_a_changed_reference(recipe_run, monkeypatch, tmp_path):
     assert _files(out) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: pipeline._finished builds its list of differing keys from the nested "
-                   "sections only, so a changed top-level key (init, a resolved `@stage` reference) is reported as "
-                   "'different config' without naming it")
 def test_recipe_error_names_a_changed_init(recipe_run, monkeypatch, tmp_path):
     _, out, _ = recipe_run
     changed = tmp_path / "changed.yaml"

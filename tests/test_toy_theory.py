@@ -154,16 +154,6 @@ def test_flow_map_errors_of_the_teachers_own_denoiser(toy):
 # ------------------------------------------------------------------------------------------------
 
 
-class _FrozenARTeacher(ARTeacher):
-    """CausalCD's `freeze` calls .eval() and .parameters(), which the analytic teacher lacks (not a module)."""
-
-    def eval(self):
-        return self
-
-    def parameters(self):
-        return iter(())
-
-
 def _train(model, objective, batches, *, steps: int, lr: float, betas: tuple[float, float], seed: int,
            after_update=None) -> list[float]:
     """AdamW (wd 0.01, clip 10), lr annealed linearly to 0; `batches(generator) -> Batch`."""
@@ -256,7 +246,7 @@ def students(toy):
 
     t = time.perf_counter()
     models["cd"] = copy.deepcopy(stage1)
-    obj = CausalCD(models["cd"], _FrozenARTeacher(toy), steps=48, shift=SHIFT, block_size=1, guidance=1.0,
+    obj = CausalCD(models["cd"], ARTeacher(toy), steps=48, shift=SHIFT, block_size=1, guidance=1.0,
                    target_decay=0.0, few_step_sigmas=ANCHORS)
     _train(models["cd"], obj, lambda g: source.batch(BATCH, g), steps=300, lr=1e-3, betas=(0.0, 0.999), seed=3,
            after_update=obj.after_update)

@@ -98,8 +98,8 @@ class PairStore:
                 with safe_open(str(path), framework="pt") as f:
                     for k in FIELDS:
                         parts[k].append(f.get_tensor(k))
-                    captions += json.loads(f.metadata()["captions"])
-            except (SafetensorError, OSError, KeyError, ValueError) as e:
+                    captions += json.loads((f.metadata() or {})["captions"])
+            except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
                 raise PairStoreError(f"pair shard {path} is corrupt or truncated ({str(e).splitlines()[0]}); "
                                      f"delete it and re-run to regenerate it") from None
         return {k: torch.cat(v) for k, v in parts.items()}, captions

@@ -32,8 +32,10 @@ from . import Losses
 Tensor = torch.Tensor
 
 
-def freeze(module: nn.Module) -> nn.Module:
-    """A teacher: eval mode, no parameter takes gradients."""
+def freeze(module):
+    """A teacher: eval mode, no parameter takes gradients (analytic teachers have neither: returned as is)."""
+    if not isinstance(module, nn.Module):
+        return module
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
