@@ -5,6 +5,16 @@ from framecast import config as C
 from framecast.pipeline import build_denoiser
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny tensors: threads only add synchronisation cost there, up to
+    10x (and 200x next to another CPU job on this 2-core machine); one thread is also deterministic."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -36,6 +36,8 @@ from framecast.pipeline import build_denoiser, train_stage
 from framecast.sampling import SAMPLERS
 from framecast.train import checkpoint as ckpt
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add sync cost
+
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 SHIFT = 5.0
 TWO_STEP64 = flow.few_step_sigmas([1000, 500], SHIFT)  # exact, float64: what grids are checked against
@@ -43,12 +45,6 @@ TWO_STEP = TWO_STEP64.float()  # [1, .8333]
 FOUR_STEP = flow.few_step_sigmas([1000, 750, 500, 250], SHIFT).float()  # [1, .9375, .8333, .625]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _model(seed: int, std: float = 0.2):

@@ -58,6 +58,8 @@ from framecast.pipeline import build_denoiser
 from framecast.rollout import generate
 from framecast.sampling import few_step
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add sync cost
+
 f64 = torch.float64
 SHIFT = 5.0
 TEXT_DIM = 32  # the tiny preset's text_dim
@@ -67,13 +69,6 @@ BATCH = 256
 N_EVAL = 2048
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation cost on a busy CPU (and one is deterministic)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,11 @@ from framecast.models.denoiser import Guidance
 from framecast.rollout import generate
 from framecast.sampling import euler, few_step
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add sync cost
+
 f64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tensors here are tiny; intra-op threads only add synchronisation cost (10x on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
