@@ -16,3 +16,38 @@ def test_quickstart_recipe_loads_strictly(tmp_path):
     bad.write_text("base: missing.yaml\nstages: {stage0: {}}\n")
     with pytest.raises(C.ConfigError, match="missing.yaml"):
         C.load_recipe(bad)
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["toy_framewise_1step", "toy_framewise_2step", "toy_framewise_4step",
+                                  "toy_chunkwise_4step", "toy_causal_ode_2step", "toy_sf_baseline_2step"])
+def test_toy_recipes_load_and_share_their_common_stages(name):
+    r = C.load_recipe(CONFIGS / f"{name}.yaml")
+    kinds = [c.stage for c in r.stages]
+    assert kinds[0] == "stage0" and kinds[-1] == "dmd" and set(kinds) <= {"stage0", "stage1", "ode", "cd", "dmd"}
+    dmd = r.stages[-1]
+    assert dmd.run_dir.name == dmd.tag and dmd.tag.startswith("dmd")  # the key names the run directory
+    assert dmd.init.startswith("@")  # DMD starts from the named Stage-2 checkpoint
+    steps = {"1step": [1000], "2step": [1000, 500], "4step": [1000, 750, 500, 250]}[name.rsplit("_", 1)[1]]
+    assert dmd.distill.denoising_steps == steps
+    if steps != [1000, 750, 500, 250]:  # 1/2-step models denoise the first frame with 4 steps (spec §7.6)
+        assert dmd.distill.first_block_steps == [1000, 750, 500, 250]
+    # stages with the same key are the same run in every recipe (pipeline reuses them only if identical)
+    base = {c.tag or c.stage: C.to_dict(c) for c in C.load_recipe(CONFIGS / "toy_framewise_2step.yaml").stages}
+    for c in r.stages:
+        if (c.tag or c.stage) in base:
+            assert C.to_dict(c) == base[c.tag or c.stage], c.tag or c.stage
+
+
+def test_recipe_stage_key_and_kind(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: r\nstages: {stage0: {}, dmd_fast: {stage: dmd, distill: {denoising_steps: [1000]}}}\n")
+    r = C.load_recipe(p)
+    assert [(c.stage, c.tag) for c in r.stages] == [("stage0", ""), ("dmd", "dmd_fast")]
+    assert r.stages[1].run_dir == Path("runs") / "r" / "dmd_fast" and r.stages[0].run_dir.name == "stage0"
+    p.write_text("name: r\nstages: {x: {stage: nosuch}}\n")
+    from framecast.pipeline import stage_mode
+    with pytest.raises(C.ConfigError, match="nosuch"):
+        stage_mode(C.load_recipe(p).stages[0])
