@@ -16,6 +16,11 @@ class EMA:
         self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
 
     @torch.no_grad()
+    def reset(self, module: nn.Module) -> None:
+        """Restart the shadow from the module's current weights (the EMA is 'created' now)."""
+        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         for k, v in module.state_dict().items():
             s = self.shadow[k]

@@ -73,6 +73,7 @@ class Trainer:
         self.base_lr = {n: o.param_groups[0]["lr"] for n, o in self.optimizers.items()}
         ema_roles = getattr(objective, "ema_roles", tuple(self.roles))
         self.ema = {n: EMA(self.roles[n], t.ema_decay) for n in ema_roles} if t.ema_decay > 0 else {}
+        self.ema_live: set[str] = set()  # roles whose EMA has started (it starts as a copy at train.ema_start)
         self.extra = objective.state_modules() if hasattr(objective, "state_modules") else {}
         self.ckpt_root = self.run_dir / "ckpt"
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -100,7 +101,8 @@ class Trainer:
         weights.update({f"obj_{n}": m.state_dict() for n, m in self.extra.items()})
         meta = {**self.meta, "config": to_dict(self.cfg), "roles": sorted(self.roles),
                 "ema": sorted(self.ema)}
-        state = {"step": step, "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()}}
+        state = {"step": step, "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+                 "ema_live": sorted(self.ema_live)}
         return ckpt.save(self.ckpt_root, step, weights=weights, meta=meta, state=state)
 
     def resume(self) -> int:
@@ -121,6 +123,7 @@ class Trainer:
         state = ckpt.load_state(last)
         for n, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][n])
+        self.ema_live = set(state.get("ema_live", []))
         return int(state["step"])
 
     def _log(self, row: dict[str, Any]) -> None:
@@ -173,7 +176,11 @@ class Trainer:
                 if gn is not None:
                     sums[f"{name}/grad_norm"] = float(gn)
                 if name in self.ema and step >= t.ema_start:
-                    self.ema[name].update(self.roles[name])
+                    if name in self.ema_live:
+                        self.ema[name].update(self.roles[name])
+                    else:  # the EMA is created from the weights at its first update after ema_start (spec §7.5)
+                        self.ema[name].reset(self.roles[name])
+                        self.ema_live.add(name)
                 if hasattr(self.objective, "after_update"):
                     self.objective.after_update(name)
             done = step + 1
@@ -206,7 +213,7 @@ class Trainer:
         saved = {}
         for n, m in modules.items():
             m.eval()
-            if n in self.ema and step > self.cfg.train.ema_start:
+            if n in self.ema_live:
                 saved[n] = {k: v.detach().clone() for k, v in m.state_dict().items()}
                 self.ema[n].copy_to(m)
         try:
