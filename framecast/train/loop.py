@@ -123,7 +123,8 @@ class Trainer:
         state = ckpt.load_state(last)
         for n, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][n])
-        self.ema_live = set(state.get("ema_live", []))
+        older = sorted(self.ema) if int(state["step"]) > self.cfg.train.ema_start else []  # checkpoints before
+        self.ema_live = set(state.get("ema_live", older))  # `ema_live` was saved: their EMA was already running
         return int(state["step"])
 
     def _log(self, row: dict[str, Any]) -> None:
