@@ -129,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from .data.trajectories import PairStoreError
     from .train.checkpoint import CheckpointError
+    from .train.loop import RunLockedError
 
     try:
         args.fn(args)
-    except (C.ConfigError, CheckpointError, PairStoreError, ValueError) as e:
+    except (C.ConfigError, CheckpointError, PairStoreError, RunLockedError, ValueError) as e:
         print(f"framecast: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -148,3 +148,21 @@ def test_ema_starts_as_a_copy_at_ema_start_and_resumes(tmp_path):
                   ck.load_state_dict(straight.parent / "step_0000004", "ema_model"))
     k = next(iter(m5))
     torch.testing.assert_close(e5[k], 0.5 * m4[k] + 0.5 * m5[k], atol=1e-6, rtol=0)
+
+
+def test_a_run_directory_is_trained_by_one_process_at_a_time(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from framecast.train.loop import run_lock
+
+    with run_lock(tmp_path):
+        with pytest.raises(RuntimeError, match=f"being trained by process {os.getpid()}"):
+            with run_lock(tmp_path):
+                pass
+    assert not (tmp_path / ".lock").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".lock").write_text(dead.stdout.strip())  # a lock left by a process that has exited
+    with run_lock(tmp_path):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())

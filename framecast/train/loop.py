@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,42 @@ class OptimSpec:
 class TrainState:
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is training this run directory."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """One training process per run directory: two recipes sharing a stage must not train it twice at once.
+
+    The lock file holds the owner's pid; a lock left by a process that no longer exists is taken over.
+    """
+    path = Path(run_dir) / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+                os.kill(pid, 0)  # raises if no such process
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                path.unlink(missing_ok=True)  # stale
+                continue
+            except PermissionError:
+                pass  # alive, owned by someone else
+            raise RunLockedError(f"{run_dir} is being trained by process {pid}; wait for it (a re-run then reuses "
+                               f"or resumes the stage) or stop it") from None
+    else:
+        raise RuntimeError(f"could not take the lock {path}")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -135,8 +172,12 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
 
     def fit(self) -> TrainState:
-        t = self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        with run_lock(self.run_dir):
+            return self._fit()
+
+    def _fit(self) -> TrainState:
+        t = self.cfg.train
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         start = self.resume()
