@@ -328,12 +328,14 @@ def _resolve_refs(cfg: C.RunConfig, done: dict[str, StageResult], key: str) -> C
 
     values = {"init": cfg.init, "distill.teacher": cfg.distill.teacher, "distill.real": cfg.distill.real,
               "distill.critic": cfg.distill.critic}
-    prev = str(list(done.values())[-1].ckpt) if done else ""
-    defaults = {"init": prev if cfg.stage != "stage0" else "",
-                "distill.teacher": (last("stage0") if cfg.distill.ode_teacher == "bidirectional" and cfg.stage == "ode"
-                                    else last("stage1")) if cfg.stage in ("ode", "cd") else "",
-                "distill.real": last("stage0") if cfg.stage == "dmd" else "",
-                "distill.critic": last("stage0") if cfg.stage == "dmd" else ""}
+    defaults = dict.fromkeys(REFS, "")
+    if cfg.stage != "stage0" and done:
+        defaults["init"] = str(list(done.values())[-1].ckpt)
+    if cfg.stage in ("ode", "cd"):
+        baseline = cfg.stage == "ode" and cfg.distill.ode_teacher == "bidirectional"
+        defaults["distill.teacher"] = last("stage0" if baseline else "stage1")
+    if cfg.stage == "dmd":
+        defaults["distill.real"] = defaults["distill.critic"] = last("stage0")
     update: dict[str, Any] = {}
     for ref in REFS:
         v = values[ref]
