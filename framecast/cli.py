@@ -52,6 +52,8 @@ def _sample(args: argparse.Namespace) -> None:
     from .models.conditioning import Cond, build_text_encoder
     from .pipeline import load_model, sample
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, meta, cfg = load_model(args.ckpt, use_ema=args.ema)
     sm = meta["sampling"]
     enc = build_text_encoder(sm["text_encoder"], cfg.model.text_dim, sm["text_tokens"], cfg.data.seed)
@@ -116,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="few-step list in the warped convention, e.g. 1000 500 (default: the checkpoint's)")
     s.add_argument("--force", action="store_true", help="sample with a sampler the model was not trained for")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: torch's default); use 1 when other jobs keep the cores busy, since "
+                        "oversubscribed threads can slow small models by 10-100x")
     s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="use EMA weights")
     s.add_argument("--out", default="sample", help="output path without extension")
     s.add_argument("--save-tensor", action="store_true", help="also save the raw frames as .pt")
