@@ -48,6 +48,12 @@ def build_denoiser(mc: C.ModelConfig, device: str | torch.device = "cpu") -> Den
     return Denoiser(net, actions)
 
 
+def build_data(cfg: C.RunConfig):
+    """The training source of a run: its data with the text encoder and codec the model expects."""
+    text = build_text_encoder(cfg.data.text_encoder, cfg.model.text_dim, cfg.data.text_tokens, cfg.data.seed)
+    return build_source(cfg.data, text, IdentityCodec(cfg.model.in_channels))
+
+
 def stage_mode(cfg: C.RunConfig) -> str:
     """The generator's training mode: bidirectional (stage0), TF/DF (stage1), teacher_forcing (distilled)."""
     if cfg.stage not in STAGES:
@@ -210,9 +216,7 @@ def make_pairs(cfg: C.RunConfig, source=None):
         raise C.ConfigError(f"distill.ode_teacher must be one of {TEACHERS}, got {d.ode_teacher!r}")
     want = "bidirectional" if d.ode_teacher == "bidirectional" else "causal"
     teacher = _load_role(d.teacher, "teacher", want, cfg)
-    if source is None:
-        text = build_text_encoder(cfg.data.text_encoder, cfg.model.text_dim, cfg.data.text_tokens, cfg.data.seed)
-        source = build_source(cfg.data, text, IdentityCodec(cfg.model.in_channels))
+    source = source or build_data(cfg)
     anchors = ode_anchors(cfg)
     manifest = {"teacher": str(ckpt.resolve(d.teacher)), "teacher_kind": d.ode_teacher,
                 "grid_steps": d.grid_steps, "shift": cfg.flow.shift, "anchors": anchors.tolist(),
@@ -283,8 +287,7 @@ def train_stage(cfg: C.RunConfig) -> Path:
         init_from(model, cfg.init)
     elif cfg.stage in FEW_STEP_STAGES:
         raise C.ConfigError(f"stage {cfg.stage!r} distills an existing model: set init= (a checkpoint path)")
-    text = build_text_encoder(cfg.data.text_encoder, cfg.model.text_dim, cfg.data.text_tokens, cfg.data.seed)
-    source = build_source(cfg.data, text, IdentityCodec(cfg.model.in_channels))
+    source = build_data(cfg)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     C.dump(cfg, run_dir / "config.yaml")

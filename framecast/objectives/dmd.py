@@ -64,7 +64,6 @@ class AsymmetricDMD:
 
     def self_rollout(self, batch: Batch, generator: torch.Generator) -> Tensor:
         """x~ [B, F, C, H, W]: the generator's own video, stopped at a random exit step (spec §7.2)."""
-        B, F = batch.video.shape[:2]
         e, e0 = self.exit_steps(generator)
         noise = torch.randn(batch.video.shape, generator=generator).to(batch.video)
         return generate(self.model, noise, batch.cond, sampler=few_step, sigmas=self.sigmas,

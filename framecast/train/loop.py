@@ -49,6 +49,23 @@ class RunLockedError(RuntimeError):
     """Another live process is training this run directory."""
 
 
+def _lock_owner(path: Path) -> int | None:
+    """The live process holding the lock file, or None when the file is stale (owner gone, unreadable)."""
+    try:
+        pid = int(path.read_text().strip())
+    except (ValueError, FileNotFoundError):
+        return None
+    if pid <= 0:  # os.kill(0, ...) would signal our own process group
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # exists, owned by another user
+        return pid
+    return pid
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
     """One training process per run directory: two recipes sharing a stage must not train it twice at once.
@@ -61,16 +78,11 @@ def run_lock(run_dir: Path):
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
-            try:
-                pid = int(path.read_text().strip() or 0)
-                os.kill(pid, 0)  # raises if no such process
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                path.unlink(missing_ok=True)  # stale
-                continue
-            except PermissionError:
-                pass  # alive, owned by someone else
-            raise RunLockedError(f"{run_dir} is being trained by process {pid}; wait for it (a re-run then reuses "
-                               f"or resumes the stage) or stop it") from None
+            pid = _lock_owner(path)
+            if pid is not None:
+                raise RunLockedError(f"{run_dir} is being trained by process {pid}; wait for it (a re-run then "
+                                     f"reuses or resumes the stage) or stop it") from None
+            path.unlink(missing_ok=True)  # stale: its owner has exited
     else:
         raise RuntimeError(f"could not take the lock {path}")
     try:
