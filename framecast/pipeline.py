@@ -33,7 +33,7 @@ from .models.codecs import IdentityCodec
 from .models.conditioning import ActionEmbedder, Cond, build_text_encoder
 from .models.denoiser import Denoiser, Guidance
 from .models.transformer import build_transformer
-from .rollout import generate
+from .rollout import generate, rollout
 from .sampling import SAMPLERS
 from .train import checkpoint as ckpt
 from .train.loop import OptimSpec, Trainer
@@ -138,7 +138,7 @@ def make_sample_fn(cfg: C.RunConfig, meta: dict[str, Any], source):
 def sample(model: Denoiser, meta: dict[str, Any], cond: Cond, null: Cond, *, num_frames: int, seed: int = 0,
            steps: int | None = None, guidance: float | None = None, window: int | None = None,
            sink: int | None = None, context: torch.Tensor | None = None, sampler: str | None = None,
-           denoising_steps: list[int] | None = None, force: bool = False) -> torch.Tensor:
+           denoising_steps: list[int] | None = None, force: bool = False, as_stream: bool = False):
     """Sample [B, F, C, H, W] as the checkpoint's meta says (streaming with a KV cache for causal models).
 
     `sampler` / `denoising_steps` override the checkpoint's schedule; asking a multi-step model for
@@ -168,11 +168,18 @@ def sample(model: Denoiser, meta: dict[str, Any], cond: Cond, null: Cond, *, num
         sigmas = flow.grid(steps or meta["steps"], meta["shift"]).float()
     scale = meta["guidance"] if guidance is None else guidance
     block = meta["block_size"] if meta["causal"] else num_frames
-    return generate(
-        model, noise, cond, sampler=SAMPLERS[name], sigmas=sigmas, first_sigmas=first,
-        block_size=block, window=meta["window"] if window is None else window,
-        sink=meta["sink"] if sink is None else sink, guidance=Guidance(scale, null) if scale != 1.0 else None,
-        context=context, generator=g)
+    kw = dict(sampler=SAMPLERS[name], sigmas=sigmas, first_sigmas=first,
+              block_size=block, window=meta["window"] if window is None else window,
+              sink=meta["sink"] if sink is None else sink, guidance=Guidance(scale, null) if scale != 1.0 else None,
+              context=context, generator=g)
+    if as_stream:
+        return rollout(model, noise, cond, commit_last=False, **kw)
+    return generate(model, noise, cond, **kw)
+
+
+def stream(model: Denoiser, meta: dict[str, Any], cond: Cond, null: Cond, *, num_frames: int, **kw):
+    """`sample`, but an iterator of `rollout` blocks, each yielded as soon as it is generated."""
+    return sample(model, meta, cond, null, num_frames=num_frames, as_stream=True, **kw)
 
 
 def load_model(path: str | Path, *, use_ema: bool | None = None, device: str = "cpu"):
