@@ -83,6 +83,12 @@ def _quickstart(args: argparse.Namespace) -> None:
     run(QUICKSTART_CONFIG, args.overrides, out_dir=args.out)
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from .bench import run
+
+    run(out_dir=args.out, smoke=args.smoke, clips=args.clips, threads=args.threads, overrides=args.overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="framecast", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="verb", required=True)
@@ -130,6 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--out", default="runs", help="where runs are written")
     q.add_argument("overrides", nargs="*", help="overrides applied to both stages, e.g. train.threads=2")
     q.set_defaults(fn=_quickstart)
+
+    b = sub.add_parser("bench", help="train (or reuse) and evaluate every method of a benchmark; writes a table + gif")
+    b.add_argument("suite", choices=["toy"], help="which benchmark (configs/bench_toy.yaml)")
+    b.add_argument("--smoke", action="store_true", help="every stage a few steps: checks the path in minutes")
+    b.add_argument("--out", default="runs", help="where runs are written")
+    b.add_argument("--clips", type=int, default=None, help="evaluation clips per method (default 128; smoke 8)")
+    b.add_argument("--threads", type=int, default=0, help="torch threads for training and evaluation")
+    b.add_argument("overrides", nargs="*", help="overrides applied to every stage")
+    b.set_defaults(fn=_bench)
 
     args = p.parse_args(argv)
     from .data.trajectories import PairStoreError

@@ -61,6 +61,28 @@ def write_video(video: Tensor, path: str | Path, fps: int = 8, scale: int = 4) -
     return path
 
 
+def labelled_rows(rows: list[tuple[str, Tensor]], path: str | Path, fps: int = 6, scale: int = 3,
+                  label_width: int = 260) -> Path:
+    """One gif/mp4 with a row per (label, clips [N, F, 3, H, W]): the label on the left, the clips tiled."""
+    from PIL import Image, ImageDraw
+
+    if not rows:
+        raise ValueError("labelled_rows needs at least one row")
+    strips = []
+    for label, clips in rows:
+        tiles = to_uint8(grid(clips, ncol=len(clips)), scale)  # [F, h, w, 3]
+        img = Image.new("RGB", (label_width, tiles.shape[1]), "white")
+        draw = ImageDraw.Draw(img)
+        draw.multiline_text((6, 6), label, fill="black", spacing=3)
+        text = np.broadcast_to(np.asarray(img)[None], (tiles.shape[0], *np.asarray(img).shape))
+        strips.append(np.concatenate([text, tiles], axis=2))
+    width = max(s.shape[2] for s in strips)
+    frames = np.concatenate([np.pad(s, ((0, 0), (0, 0), (0, width - s.shape[2]), (0, 0)), constant_values=255)
+                             for s in strips], axis=1)  # [F, H_total, W_total, 3]
+    video = torch.from_numpy(frames.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return write_video(video, path, fps=fps, scale=1)
+
+
 def plot_metrics(jsonl: str | Path, out: str | Path, keys: tuple[str, ...] = ("loss",)) -> Path | None:
     """Loss curves from a metrics.jsonl; returns None when there is nothing to plot."""
     rows = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]

@@ -21,7 +21,10 @@ Regression (spec §5.2). x0_hat = G(x_{s_j}, s_j) against the stored endpoint, x
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -142,6 +145,7 @@ def write_pairs(store, teacher, source, *, block_size: int, steps: int, shift: f
     bar = tqdm(total=total, initial=total - sum(store.shard_len(i) for i in todo), disable=not progress,
                desc="ode pairs", unit="traj", dynamic_ncols=True)
     for i in todo:
+        t0 = time.perf_counter()
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
         batch = source.batch(store.shard_len(i), g)
         noise = torch.randn(batch.video.shape, generator=g).to(batch.video)
@@ -150,5 +154,32 @@ def write_pairs(store, teacher, source, *, block_size: int, steps: int, shift: f
                                shift=shift, anchors=anchors, guidance=cfg, mode=mode, teacher_kind=teacher_kind)
         store.write(i, {"states": pairs.states, "endpoint": pairs.endpoint, "clean": pairs.clean,
                         "text": batch.cond.text, "null": batch.null.text}, batch.captions)
+        record_seconds(store.root, i, time.perf_counter() - t0)
         bar.update(store.shard_len(i))
     bar.close()
+
+
+TIMING = "timing.json"  # shard -> seconds it took to generate, beside the manifest (Stage-2 cost, docs/results.md)
+
+
+def record_seconds(root: Path, shard: int, seconds: float) -> None:
+    path = Path(root) / TIMING
+    times = json.loads(path.read_text()) if path.exists() else {}
+    times[str(shard)] = round(seconds, 3)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(times, indent=1))
+    tmp.replace(path)
+
+
+def pair_seconds(root: str | Path) -> tuple[float, bool]:
+    """Seconds spent generating a pair store, and whether that is measured (timing.json) or estimated from
+    the shards' modification times (stores written before timing.json existed: the first shard is assumed
+    to take the median of the others)."""
+    root = Path(root)
+    if (root / TIMING).exists():
+        return float(sum(json.loads((root / TIMING).read_text()).values())), True
+    stamps = sorted(p.stat().st_mtime for p in root.glob("shard_*.safetensors"))
+    if len(stamps) < 2:
+        return float("nan"), False
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return float(sum(gaps) + sorted(gaps)[len(gaps) // 2]), False

@@ -1,0 +1,177 @@
+"""`framecast bench toy`: every method of the toy benchmark trained from one recipe and evaluated alike.
+
+Training is `run_recipe(configs/bench_toy.yaml)`: one seed set, equal budgets, each stage reused when an
+identical one already finished (so the toy_* recipes and this benchmark share their stages). Evaluation
+samples the same held-out captions with the same noise seed from every checkpoint, scores the clips with
+eval/toy.py and the Frechet distance of eval/features.py, times streaming, reads each stage's training cost
+from its run, and writes `<out>/<name>/bench/{results.md, results.json, grid.gif}`.
+
+`--smoke` runs the same code with every stage a few steps long, a handful of clips and a briefly trained
+encoder, so that the whole path (train, sample, score, time, table, gif) is checked in minutes
+(tests/test_bench.py, marker `slow`). Its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import config as C
+from .eval import features as Fe
+from .eval import toy as T
+from .media import labelled_rows
+from .models.conditioning import Cond, build_text_encoder
+from .objectives.ode import pair_seconds
+from .pipeline import load_model, run_recipe, sample, stream
+
+BENCH_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "bench_toy.yaml"
+SMOKE = ["name=bench_smoke", "train.steps=3", "train.batch_size=2", "train.sample_every=0", "train.ckpt_every=0",
+         "train.log_every=1", "distill.num_pairs=4", "distill.shard_size=2"]
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    stage: str  # the recipe stage whose checkpoint is sampled ("" = real held-out clips)
+    family: str
+    init: str = ""  # the Stage-2 stage it was initialised from (its cost column)
+    dmd: bool = False  # trained by Stage 3 (its own cost column)
+    steps: int | None = None  # Euler steps per block of a multi-step model (few-step models use their own)
+
+
+TEACHER_STEPS = 48
+METHODS: tuple[Method, ...] = (
+    Method("real held-out clips", "", "data"),
+    Method(f"Stage 0 bidirectional base, {TEACHER_STEPS} steps, CFG 3", "stage0", "teacher", steps=TEACHER_STEPS),
+    Method(f"Stage 1 AR teacher, TF, {TEACHER_STEPS} steps/frame", "stage1", "teacher", steps=TEACHER_STEPS),
+    Method(f"Stage 1 AR teacher, DF, {TEACHER_STEPS} steps/frame", "stage1_df", "teacher", steps=TEACHER_STEPS),
+    Method("init only: SF bidirectional ODE, 4-step", "ode_sf", "init", init="ode_sf"),
+    Method("init only: causal ODE, 4-step", "ode", "init", init="ode"),
+    Method("init only: causal CD, 4-step", "cd", "init", init="cd"),
+    Method("SF: bidirectional ODE + DMD, 1-step", "dmd_sf_1step", "frame-wise", init="ode_sf", dmd=True),
+    Method("CF: causal ODE + DMD, 1-step", "dmd_ode_1step", "frame-wise", init="ode", dmd=True),
+    Method("CF++: causal CD + DMD, 1-step", "dmd_1step", "frame-wise", init="cd", dmd=True),
+    Method("SF: bidirectional ODE + DMD, 2-step", "dmd_sf_2step", "frame-wise", init="ode_sf", dmd=True),
+    Method("CF: causal ODE + DMD, 2-step", "dmd_ode_2step", "frame-wise", init="ode", dmd=True),
+    Method("CF++: causal CD + DMD, 2-step", "dmd_2step", "frame-wise", init="cd", dmd=True),
+    Method("CF++: causal CD + DMD, 4-step", "dmd_4step", "frame-wise", init="cd", dmd=True),
+    Method("CF++ chunk-wise (K=3): CD + DMD, 4-step", "dmd_chunk_4step", "chunk-wise", init="cd_chunk", dmd=True),
+    Method("CF++ from the DF teacher, 2-step", "dmd_df_2step", "stage-1 ablation", init="cd_df", dmd=True),
+)
+METRICS = ("fidelity", "subject_consistency", "dynamic_degree", "motion_smoothness", "instruction_following")
+
+
+def stage_seconds(run_dir: Path) -> float:
+    """Training wall time of a finished stage (the last logged `time`), plus ODE pair generation if any."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    t = next((r["time"] for r in reversed(rows) if "time" in r), float("nan"))
+    if (run_dir / "pairs").is_dir():
+        t += pair_seconds(run_dir / "pairs")[0]
+    return float(t)
+
+
+@torch.no_grad()
+def timing(model, meta, enc, caption: str, num_frames: int, steps: int | None, batch: int, repeats: int = 3):
+    """(first-frame latency in ms at batch 1, frames per second at `batch`), medians over `repeats` runs
+    after one warm-up. A bidirectional model yields its whole clip as one block: no first frame before it."""
+    def one(b):
+        cond, null = Cond(enc.encode([caption] * b)), Cond(enc.encode([""] * b))
+        t0 = time.perf_counter()
+        first = None
+        for blk in stream(model, meta, cond, null, num_frames=num_frames, seed=0, steps=steps):
+            first = first or time.perf_counter() - t0
+        return first, time.perf_counter() - t0
+
+    one(1)
+    first = statistics.median(one(1)[0] for _ in range(repeats))
+    total = statistics.median(one(batch)[1] for _ in range(repeats))
+    return 1000 * first, batch * num_frames / total
+
+
+def _fmt(v, digits=3):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def write_table(rows: list[dict], path: Path, command: str) -> Path:
+    cols = [("method", "method"), ("fidelity", "fidelity ↑"), ("subject_consistency", "consistency ↑"),
+            ("dynamic_degree", "dynamic ↑"), ("motion_smoothness", "smoothness ↑"),
+            ("instruction_following", "instruction ↑"), ("fd", "FD ↓"), ("steps", "NFE/frame"),
+            ("first_frame_ms", "first frame ms ↓"), ("fps", "frames/s ↑"), ("stage2_s", "Stage 2 s"),
+            ("stage3_s", "Stage 3 s")]
+    lines = [f"Command: `{command}`", "", "| " + " | ".join(c[1] for c in cols) + " |",
+             "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for key, _ in cols:
+            v = r.get(key)
+            cells.append(_fmt(v, 1 if key in ("fd", "first_frame_ms", "fps") else 0 if key.endswith("_s") else 3))
+        lines.append("| " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(*, out_dir: str = "runs", smoke: bool = False, clips: int | None = None, threads: int | None = None,
+        recipe: str | Path = BENCH_RECIPE, overrides: list[str] | tuple[str, ...] = (),
+        progress: bool = True) -> Path:
+    """Train (or reuse) every stage of the benchmark recipe, evaluate every method, write the table and gif."""
+    ov = [*(SMOKE if smoke else []), *(f"train.threads={threads}",) * bool(threads), *overrides]
+    results = {r.key: r for r in run_recipe(recipe, ov, out_dir=out_dir)}
+    if threads:
+        torch.set_num_threads(threads)
+    any_cfg = next(iter(results.values())).cfg
+    root = Path(out_dir) / any_cfg.name / "bench"
+    root.mkdir(parents=True, exist_ok=True)
+    d = any_cfg.data
+    n = clips or (8 if smoke else 128)
+    # held-out captions and clips: the training source draws from seed d.seed, evaluation from other seeds
+    real, captions = T.real_clips(n, d.num_frames, d.height, d.width, seed=d.seed + 1)
+    reference, _ = T.real_clips(max(2 * n, 16), d.num_frames, d.height, d.width, seed=d.seed + 2)
+    encoder, enc_acc = Fe.load_or_train_encoder(Path(out_dir) / "eval_cache", d.num_frames, d.height, d.width,
+                                                steps=30 if smoke else 400, progress=progress)
+    ref_feats = Fe.features(encoder, reference)
+    text = None
+    rows, gif_rows = [], []
+    methods = [m for m in METHODS if not m.stage or m.stage in results]
+    for m in tqdm(methods, desc="bench: evaluate", disable=not progress):
+        row: dict = {"method": m.label, "stage": m.stage, "family": m.family}
+        if not m.stage:
+            video = real
+            row["steps"] = None
+        else:
+            model, meta, cfg = load_model(results[m.stage].ckpt)
+            sm = meta["sampling"]
+            if text is None:
+                text = build_text_encoder(sm["text_encoder"], cfg.model.text_dim, sm["text_tokens"], cfg.data.seed)
+            steps = (4 if smoke else m.steps) if m.steps else None
+            video = torch.cat([sample(model, sm, Cond(text.encode(captions[i:i + 32])),
+                                      Cond(text.encode([""] * len(captions[i:i + 32]))), num_frames=d.num_frames,
+                                      seed=1000 + i, steps=steps) for i in range(0, n, 32)])
+            nfe = len(sm["sigmas"]) if sm.get("few_step") else steps * (2 if sm["guidance"] != 1.0 else 1)
+            row["steps"] = nfe
+            row["first_frame_ms"], row["fps"] = timing(model, sm, text, captions[0], d.num_frames, steps,
+                                                       batch=min(8, n), repeats=1 if smoke else 3)
+            row["stage2_s"] = stage_seconds(results[m.init].cfg.run_dir) if m.init else None
+            row["stage3_s"] = stage_seconds(results[m.stage].cfg.run_dir) if m.dmd else None
+            row["checkpoint"] = str(results[m.stage].ckpt)
+        row.update(T.clip_metrics(video, captions))
+        row["fd"] = Fe.frechet_distance(Fe.features(encoder, video), ref_feats)
+        rows.append(row)
+        gif_rows.append((m.label.replace(": ", ":\n", 1), video[:4]))
+    command = "framecast bench toy" + (" --smoke" if smoke else "")
+    write_table(rows, root / "results.md", command)
+    (root / "results.json").write_text(json.dumps(
+        {"command": command, "clips": n, "encoder_accuracy": enc_acc, "threads": torch.get_num_threads(),
+         "methods": [asdict(m) for m in methods], "rows": rows}, indent=1, default=str))
+    labelled_rows(gif_rows, root / "grid.gif", fps=any_cfg.sample.fps)
+    print((root / "results.md").read_text())
+    print(f"bench: {root}/results.md, results.json, grid.gif")
+    return root
