@@ -18,6 +18,7 @@ from its newest checkpoint, and a finished one with a different config is an err
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,6 +322,7 @@ class StageResult:
     ckpt: Path
     seconds: float
     reused: bool
+    health: Any = None  # eval.health.Health once checked
 
 
 REFS = ("init", "distill.teacher", "distill.real", "distill.critic")
@@ -394,8 +396,10 @@ def _finished(cfg: C.RunConfig) -> Path | None:
 
 
 def run_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, out_dir: str = "runs",
-               only: list[str] | None = None) -> list[StageResult]:
-    """Run a recipe's stages in order (see the module docstring); `only` limits which stages train."""
+               only: list[str] | None = None, health_clips: int = 16) -> list[StageResult]:
+    """Run a recipe's stages in order (see the module docstring); `only` limits which stages train.
+
+    After each stage its health check (eval/health.py) is printed and kept; `health_clips=0` skips it."""
     recipe = C.load_recipe(path, [f"out_dir={out_dir}", *overrides])
     done: dict[str, StageResult] = {}
     for cfg in recipe.stages:
@@ -408,7 +412,25 @@ def run_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
         if found is not None:
             print(f"== {key}: finished earlier, reusing {found}", flush=True)
             done[key] = StageResult(key, cfg, found, 0.0, True)
-            continue
-        print(f"== {key} ({cfg.stage}, {stage_mode(cfg)}): {cfg.train.steps} steps -> {cfg.run_dir}", flush=True)
-        done[key] = StageResult(key, cfg, train_stage(cfg), time.perf_counter() - t0, False)
+        else:
+            print(f"== {key} ({cfg.stage}, {stage_mode(cfg)}): {cfg.train.steps} steps -> {cfg.run_dir}",
+                  flush=True)
+            done[key] = StageResult(key, cfg, train_stage(cfg), time.perf_counter() - t0, False)
+        if health_clips:
+            done[key].health = stage_health(done[key], health_clips)
     return list(done.values())
+
+
+def stage_health(result: StageResult, clips: int = 16):
+    """The stage's health verdict (eval/health.py), computed once and kept in `<run>/health.json`."""
+    from .eval.health import Health, check_stage
+
+    path = result.cfg.run_dir / "health.json"
+    saved = json.loads(path.read_text()) if path.exists() else None
+    if saved is not None and saved.get("checkpoint") == str(result.ckpt):
+        h = Health.from_json(saved)
+    else:
+        h = check_stage(result.cfg.run_dir, result.ckpt, result.cfg.stage, init=result.cfg.init,
+                        data=result.cfg.data.name, clips=clips)
+    print(h.summary(), flush=True)
+    return h

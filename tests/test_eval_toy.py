@@ -31,13 +31,20 @@ def identity_swap(v):
     return w
 
 
+def wash(v):
+    """Every frame filled with the clip's colour: what a blown-up generator produces."""
+    w = v.clone()
+    w[:] = v.amax(dim=(1, 3, 4), keepdim=True)
+    return w
+
+
 @pytest.fixture(scope="module")
 def scores(real, one_thread):
     v, caps = real
     variants = {"real": (v, caps), "blurred": (T.blur(v), caps), "frozen": (T.freeze(v), caps),
                 "noise": (T.noise(v, torch.Generator().manual_seed(0)), caps),
                 "shuffled_frames": (shuffled_frames(v), caps), "identity_swap": (identity_swap(v), caps),
-                "wrong_captions": (v, caps[1:] + caps[:1])}
+                "wrong_captions": (v, caps[1:] + caps[:1]), "washed_out": (wash(v), caps)}
     return {k: T.clip_metrics(x, c) for k, (x, c) in variants.items()}
 
 
@@ -79,6 +86,12 @@ def test_noise_fails_everything(scores):
     for k in ("fidelity", "recognised", "subject_consistency", "dynamic_degree", "motion_smoothness"):
         assert s[k] <= 0.2, (k, s[k])
     assert s["instruction_following"] <= 0.3
+
+
+def test_washed_out_frames_are_no_sprites(scores):
+    """A frame-filling colour is not a frame-sized square: fits are limited to the toy's sprite sizes."""
+    s = scores["washed_out"]
+    assert s["recognised"] == 0.0 and s["fidelity"] < 0.3 and s["dynamic_degree"] == 0.0
 
 
 def test_shuffled_frames_lose_smoothness(scores):

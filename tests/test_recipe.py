@@ -7,7 +7,8 @@ from framecast import config as C
 
 def test_quickstart_recipe_loads_strictly(tmp_path):
     r = C.load_recipe(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml", ["train.threads=1"])
-    assert [c.stage for c in r.stages] == ["stage0", "stage1"]
+    assert [c.stage for c in r.stages] == ["stage0", "stage1", "cd", "dmd"]  # the full CF++ 2-step pipeline
+    assert r.stages[-1].distill.denoising_steps == [1000, 500]
     assert all(c.name == "quickstart" and c.model.preset == "toy" and c.train.threads == 1 for c in r.stages)
     bad = tmp_path / "r.yaml"
     bad.write_text("base: {}\nstages: {stage0: {train: {stepz: 3}}}\n")
@@ -39,6 +40,34 @@ def test_toy_recipes_load_and_share_their_common_stages(name):
     for c in r.stages:
         if (c.tag or c.stage) in base:
             assert C.to_dict(c) == base[c.tag or c.stage], c.tag or c.stage
+
+
+def _resolved(path):
+    """A recipe's stages with every `@ref` and default filled as `framecast pipeline` fills them."""
+    from framecast.pipeline import StageResult, _resolve_refs
+
+    done = {}
+    for cfg in C.load_recipe(path).stages:
+        key = cfg.tag or cfg.stage
+        cfg = _resolve_refs(cfg, done, key)
+        done[key] = StageResult(key, cfg, cfg.run_dir / "ckpt", 0.0, False)
+    return {k: C.to_dict(r.cfg) for k, r in done.items()}
+
+
+def test_bench_recipe_reuses_the_toy_recipes_stages():
+    """configs/bench_toy.yaml names every init and teacher; resolved, each stage it shares with a toy_* recipe is
+    the identical run, so `framecast bench toy` reuses what those recipes trained (and the reverse)."""
+    bench = _resolved(CONFIGS / "bench_toy.yaml")
+    shared = set()
+    for name in ("toy_framewise_1step", "toy_framewise_2step", "toy_framewise_4step", "toy_chunkwise_4step",
+                 "toy_causal_ode_2step", "toy_sf_baseline_2step"):
+        for key, cfg in _resolved(CONFIGS / f"{name}.yaml").items():
+            assert bench[key] == cfg, (name, key)
+            shared.add(key)
+    assert set(bench) - shared == {"stage1_df", "dmd_ode_1step", "dmd_sf_1step", "cd_df", "dmd_df_2step"}
+    assert "/stage1_df/" in bench["cd_df"]["distill"]["teacher"] and "/stage1/" in bench["cd"]["distill"]["teacher"]
+    from framecast.bench import METHODS
+    assert {m.stage for m in METHODS if m.stage} <= set(bench)
 
 
 def test_recipe_stage_key_and_kind(tmp_path):

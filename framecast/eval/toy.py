@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data.shapes import COLOURS, DIRECTIONS, SHAPES, SPEEDS, ShapesDataset, _coverage, parse_caption
+from ..data.shapes import _SIZE_RANGE, COLOURS, DIRECTIONS, SHAPES, SPEEDS, ShapesDataset, _coverage, parse_caption
 
 Tensor = torch.Tensor
 
@@ -69,7 +69,8 @@ def _check_video(video: Tensor) -> np.ndarray:
 
 def fit_frames(video: Tensor) -> FrameFits:
     """Fit one sprite to every frame: palette colour by least squares on the colour ray, coverage by projection,
-    size from the covered area and centre from the centroid, then the shape whose render explains the frame best."""
+    size from the covered area (clipped to the toy's size range) and centre from the centroid, then the shape
+    whose render explains the frame best."""
     x = _check_video(video)
     B, F, _, H, W = x.shape
     px = x.reshape(B * F, 3, H * W)  # [N, 3, P]
@@ -89,12 +90,15 @@ def fit_frames(video: Tensor) -> FrameFits:
     best_shape = np.zeros(B * F, dtype=int)
     best_size = np.zeros(B * F)
     best_centre = centroid.copy()
+    lo, hi = (r * min(H, W) for r in _SIZE_RANGE)
     for n in np.flatnonzero(~empty):
         target = px[n].reshape(3, H, W)
         norm = np.abs(target).sum()
         rgb = pal[colour[n]][:, None, None]
         for s, shape in enumerate(SHAPES):
-            size = math.sqrt(mass[n] / _AREA[shape])
+            # sizes outside the process's range are not sprites of this toy: a frame washed with one colour
+            # must not pass as a frame-sized square, so the fit is clipped to the range (real fits are exact)
+            size = min(max(math.sqrt(mass[n] / _AREA[shape]), lo), hi)
             centre = centroid[n].copy()
             if shape == "triangle":  # apex up: the centroid sits size/6 below the bounding-box centre
                 centre[1] -= size / 6
