@@ -1,35 +1,64 @@
 """`framecast quickstart`: the main job on a laptop CPU.
 
-Runs the stages of `configs/quickstart.yaml` in order (each initialised from the previous checkpoint and
-resumable: re-running continues where it stopped), then streams a sample from the final frame-wise AR
-model with its KV cache, checks the stream against the packed teacher-forcing forward, and writes
-`runs/<name>/report.md` with per-stage samples, loss curves, timings and the check.
+Runs the stages of `configs/quickstart.yaml` in order -- the full frame-wise 2-step Causal Forcing++
+pipeline: Stage 0 base, Stage 1 AR teacher, Stage 2 causal CD, Stage 3 DMD -- each initialised from the
+previous checkpoint, resumable (re-running continues where it stopped) and health-checked when it ends
+(eval/health.py). Then it streams a sample from the final model with its KV cache, checks the stream against
+the packed teacher-forcing forward, scores every stage with the toy metrics (eval/toy.py) next to real
+clips, times streaming, and writes `runs/<name>/report.md` with per-stage sample gifs, loss curves, the
+metric table and timings.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from .eval import toy as T
 from .eval.checks import Recorder, stream_vs_packed
 from .media import grid, write_video
 from .models.conditioning import Cond, build_text_encoder
 from .models.denoiser import Guidance
-from .pipeline import load_model, run_recipe, sample
+from .pipeline import load_model, run_recipe, sample, stream
 from .train import checkpoint as ckpt
 
+EVAL_CLIPS = 32  # held-out captions scored per stage (the health check uses 16)
+COLUMNS = ("fidelity", "subject_consistency", "dynamic_degree", "motion_smoothness", "instruction_following")
 
-def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, out_dir: str = "runs") -> Path:
-    results = run_recipe(recipe_path, overrides, out_dir=out_dir)
+
+def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, out_dir: str = "runs",
+        eval_clips: int = EVAL_CLIPS) -> Path:
+    t_start = time.perf_counter()
+    results = run_recipe(recipe_path, overrides, out_dir=out_dir, health_clips=min(16, eval_clips))
+    t_train = time.perf_counter() - t_start
     root = Path(out_dir) / results[-1].cfg.name
-    stages = [{"stage": r.key, "ckpt": r.ckpt, "seconds": r.seconds, "cfg": r.cfg} for r in results]
-    report = _final_sample(results[-1].ckpt, root)
-    path = _write_report(root, stages, report)
-    print(f"report: {path}")
+    final = _final_sample(results[-1].ckpt, root)
+    scores = _score_stages(results, eval_clips)
+    seconds = {"train": t_train, "total": time.perf_counter() - t_start}
+    path = _write_report(root, results, final, scores, seconds, eval_clips)
+    print(f"quickstart: {seconds['total'] / 60:.1f} min in all; report: {path}")
     return path
+
+
+@torch.no_grad()
+def _score_stages(results, clips: int) -> dict[str, dict]:
+    """Toy metrics of every stage on the same held-out captions and noise, plus real clips as the ceiling."""
+    d = results[-1].cfg.data
+    real, captions = T.real_clips(clips, d.num_frames, d.height, d.width, seed=d.seed + 1)
+    out = {"real clips": T.clip_metrics(real, captions)}
+    enc = None
+    for r in results:
+        model, meta, cfg = load_model(r.ckpt)
+        sm = meta["sampling"]
+        enc = enc or build_text_encoder(sm["text_encoder"], cfg.model.text_dim, sm["text_tokens"], cfg.data.seed)
+        video = sample(model, sm, Cond(enc.encode(captions)), Cond(enc.encode([""] * clips)),
+                       num_frames=d.num_frames, seed=1)
+        out[r.key] = T.clip_metrics(video, captions)
+    return out
 
 
 @torch.no_grad()
@@ -50,31 +79,52 @@ def _final_sample(ckpt_dir: Path, root: Path) -> dict:
     if sm["causal"]:
         check = stream_vs_packed(model, video, rec.calls, cond, block_size=sm["block_size"], window=sm["window"],
                                  sink=sm["sink"], guidance=Guidance(sm["guidance"], null))
-    how = (f"{sm['steps']}-step few-step sampler, no CFG" if sm.get("few_step")
-           else f"{sm['steps']} Euler steps per frame with CFG {sm['guidance']:g}")
+    # first-frame latency of one stream (median of 3 after a warm-up)
+    one, none = Cond(enc.encode(prompts[:1])), Cond(enc.encode([""]))
+    firsts = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        next(iter(stream(model, sm, one, none, num_frames=frames, seed=0)))
+        firsts.append(time.perf_counter() - t0)
+    how = (f"{len(sm['sigmas'])}-step few-step sampler (first frame {len(sm['first_sigmas'] or sm['sigmas'])} "
+           f"steps), no CFG" if sm.get("few_step") else f"{sm['steps']} Euler steps per frame with CFG {sm['guidance']:g}")
     return {"video_seconds": seconds, "frames": frames * len(prompts), "how": how, "check": check,
-            "prompts": prompts}
+            "prompts": prompts, "first_frame_ms": 1000 * statistics.median(firsts[1:])}
 
 
-def _write_report(root: Path, stages: list[dict], final: dict) -> Path:
-    lines = ["# framecast quickstart report", ""]
-    lines += ["| stage | steps | wall time | last loss | checkpoint |", "|---|---|---|---|---|"]
-    for s in stages:
-        run_dir = s["cfg"].run_dir
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        loss = next((r["model/loss"] for r in reversed(rows) if "model/loss" in r), float("nan"))
-        lines.append(f"| {s['stage']} | {s['cfg'].train.steps} | {s['seconds']:.0f} s | {loss:.4f} | "
-                     f"`{s['ckpt']}` |")
+def _last_loss(run_dir: Path) -> str:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    for key in ("model/loss", "critic/loss"):
+        val = next((r[key] for r in reversed(rows) if key in r), None)
+        if val is not None:
+            return f"{val:.4f} ({key.split('/')[0]})"
+    return "-"
+
+
+def _write_report(root: Path, results, final: dict, scores: dict, seconds: dict, clips: int) -> Path:
+    lines = ["# framecast quickstart report", "",
+             f"Total {seconds['total'] / 60:.1f} min ({seconds['train'] / 60:.1f} min of it training and health "
+             f"checks), {torch.get_num_threads()} torch threads.", ""]
+    lines += ["| stage | steps | wall time | last loss | health |", "|---|---|---|---|---|"]
+    for r in results:
+        wall = "reused" if r.reused else f"{r.seconds:.0f} s"
+        health = r.health.status if r.health is not None else "-"
+        lines.append(f"| {r.key} | {r.cfg.train.steps} | {wall} | {_last_loss(r.cfg.run_dir)} | {health} |")
+    lines += ["", f"## Metrics ({clips} held-out captions, same noise for every stage; eval/toy.py)", "",
+              "| | " + " | ".join(c.replace("_", " ") for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, m in scores.items():
+        lines.append(f"| {name} | " + " | ".join(f"{m[c]:.3f}" for c in COLUMNS) + " |")
     lines.append("")
-    for s in stages:
-        rel = s["cfg"].run_dir.relative_to(root)
-        step = ckpt.read_meta(s["ckpt"])["step"]
-        lines += [f"## {s['stage']}", "", f"![samples]({rel}/samples/step_{step:07d}.gif) "
-                  f"![loss]({rel}/loss.png)", ""]
+    for r in results:
+        rel = r.cfg.run_dir.relative_to(root)
+        step = ckpt.read_meta(r.ckpt)["step"]
+        lines += [f"## {r.key}", "", f"![samples]({rel}/samples/step_{step:07d}.gif) ![loss]({rel}/loss.png)", ""]
+        if r.health is not None:
+            lines += ["```", r.health.summary(), "```", ""]
     lines += ["## Final streamed sample", "", "![final](final.gif)", "",
               f"Prompts: {', '.join(final['prompts'])}.", "",
-              f"{final['frames']} frames ({final['how']}, KV-cached streaming) in "
-              f"{final['video_seconds']:.1f} s.", ""]
+              f"{final['frames']} frames ({final['how']}, KV-cached streaming) in {final['video_seconds']:.2f} s; "
+              f"first frame of a stream after {final['first_frame_ms']:.0f} ms.", ""]
     chk = final["check"]
     if chk:
         ok = chk["max_abs_diff"] < 1e-3 * max(chk["mean_abs_velocity"], 1e-6) + 1e-4
@@ -83,4 +133,9 @@ def _write_report(root: Path, stages: list[dict], final: dict) -> Path:
                   f"**{'match' if ok else 'MISMATCH'}**.", ""]
     path = root / "report.md"
     path.write_text("\n".join(lines))
+    (root / "report.json").write_text(json.dumps(
+        {"seconds": seconds, "stages": [{"stage": r.key, "steps": r.cfg.train.steps, "seconds": r.seconds,
+                                         "reused": r.reused, "health": r.health.to_json() if r.health else None}
+                                        for r in results],
+         "metrics": scores, "final": {k: v for k, v in final.items() if k != "check"}, "check": chk}, indent=1))
     return path

@@ -108,9 +108,13 @@ def test_quickstart_runs_a_tiny_recipe(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: qs\nbase: {TINY}\nstages: {{stage0: {{train: {{steps: 2}}}}, stage1: {{train: {{steps: 2}}}}}}\n")
     report = run(recipe, ["train.progress=false", "sample.prompts=[a red circle moving right slow, a blue square]"],
-                 out_dir=str(tmp_path / "runs"))
+                 out_dir=str(tmp_path / "runs"), eval_clips=4)
     text = report.read_text()
     assert "**match**" in text and (report.parent / "final.gif").is_file()
+    data = json.loads((report.parent / "report.json").read_text())
+    assert set(data["metrics"]) == {"real clips", "stage0", "stage1"}  # every stage scored next to real clips
+    assert all(s["health"]["status"] in ("OK", "WARN", "FAIL") for s in data["stages"])
+    assert (tmp_path / "runs" / "qs" / "stage1" / "health.json").is_file() and "health stage1" in text
     assert ckpt.read_meta(ckpt.resolve(tmp_path / "runs" / "qs" / "stage1"))["config"]["init"].endswith("step_0000002")
 
 
