@@ -26,7 +26,7 @@ from .models.denoiser import Guidance
 from .pipeline import load_model, run_recipe, sample, stream
 from .train import checkpoint as ckpt
 
-EVAL_CLIPS = 16  # held-out captions sampled per stage by its health check; the metric table reads those scores
+EVAL_CLIPS = 32  # held-out captions sampled per stage by its health check; the metric table reads those scores
 COLUMNS = ("fidelity", "subject_consistency", "dynamic_degree", "motion_smoothness", "instruction_following")
 
 
