@@ -146,7 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("overrides", nargs="*", help="overrides applied to every stage")
     b.set_defaults(fn=_bench)
 
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    # `framecast bench toy --smoke key=value`: argparse binds the positional overrides to the chunk right after
+    # `toy`, so overrides given after options arrive here; any other stray argument is still an error
+    if extra and args.verb == "bench" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     from .data.trajectories import PairStoreError
     from .train.checkpoint import CheckpointError
     from .train.loop import RunLockedError
