@@ -83,6 +83,14 @@ def _quickstart(args: argparse.Namespace) -> None:
     run(QUICKSTART_CONFIG, args.overrides, out_dir=args.out)
 
 
+def _record(args: argparse.Namespace) -> None:
+    from .data.envs import record
+
+    path = record(args.env, args.out, episodes=args.episodes, frames=args.frames, seed=args.seed, tile=args.tile,
+                  size=args.size, shard_size=args.shard_size)
+    print(f"recorded {args.episodes} episodes x {args.frames} frames: {path.parent}")
+
+
 def _bench(args: argparse.Namespace) -> None:
     from .bench import run
 
@@ -137,6 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("overrides", nargs="*", help="overrides applied to both stages, e.g. train.threads=2")
     q.set_defaults(fn=_quickstart)
 
+    w = sub.add_parser("record", help="record episodes (frames + actions) from an environment; resumable")
+    w.add_argument("env", choices=["minigrid"], help="environment (MiniGrid FourRooms, egocentric view)")
+    w.add_argument("--out", required=True, help="folder for the manifest and shards")
+    w.add_argument("--episodes", type=int, default=512)
+    w.add_argument("--frames", type=int, default=16, help="frames per episode (the first is the reset view)")
+    w.add_argument("--seed", type=int, default=0, help="episode e uses seed (seed, e): held-out data = another seed")
+    w.add_argument("--tile", type=int, default=4, help="pixels per grid cell of the 7x7 egocentric view")
+    w.add_argument("--size", type=int, default=32, help="frames are padded to size x size")
+    w.add_argument("--shard-size", type=int, default=64, help="episodes per shard")
+    w.set_defaults(fn=_record)
+
     b = sub.add_parser("bench", help="train (or reuse) and evaluate every method of a benchmark; writes a table + gif")
     b.add_argument("suite", choices=["toy"], help="which benchmark (configs/bench_toy.yaml)")
     b.add_argument("--smoke", action="store_true", help="every stage a few steps: checks the path in minutes")
@@ -153,13 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .data.envs import RecordError
     from .data.trajectories import PairStoreError
     from .train.checkpoint import CheckpointError
     from .train.loop import RunLockedError
 
     try:
         args.fn(args)
-    except (C.ConfigError, CheckpointError, PairStoreError, RunLockedError, ValueError) as e:
+    except (C.ConfigError, CheckpointError, PairStoreError, RecordError, RunLockedError, ValueError) as e:
         print(f"framecast: error: {e}", file=sys.stderr)
         return 2
     return 0
