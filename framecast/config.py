@@ -86,7 +86,8 @@ class FlowConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "shapes"  # shapes | vectors
+    name: str = "shapes"  # shapes | vectors | episodes (recorded by `framecast record`)
+    path: str = ""  # episodes only: the recording's folder
     num_frames: int = 8
     height: int = 32
     width: int = 32

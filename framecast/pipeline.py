@@ -52,7 +52,7 @@ def build_denoiser(mc: C.ModelConfig, device: str | torch.device = "cpu") -> Den
 def build_data(cfg: C.RunConfig):
     """The training source of a run: its data with the text encoder and codec the model expects."""
     text = build_text_encoder(cfg.data.text_encoder, cfg.model.text_dim, cfg.data.text_tokens, cfg.data.seed)
-    return build_source(cfg.data, text, IdentityCodec(cfg.model.in_channels))
+    return build_source(cfg.data, text, IdentityCodec(cfg.model.in_channels), cfg.model.num_actions)
 
 
 def stage_mode(cfg: C.RunConfig) -> str:

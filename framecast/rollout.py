@@ -91,26 +91,35 @@ def rollout(
             pos = torch.arange(cache.end, cache.end + e - s, device=noise.device)
             start = int(pos[0])
             denoiser.commit(context[:, s:e], cond.frames(start, start + e - s), cache, positions=pos,
-                            sigma=context_sigma, guidance=guidance)
+                            sigma=context_sigma, guidance=_frames(guidance, start, start + e - s))
     offset = cache.end
     for b, s in enumerate(range(0, F, block_size)):
         e = min(s + block_size, F)
         pos = torch.arange(offset + s, offset + e, device=noise.device)
         block_cond = cond.frames(offset + s, offset + e)
+        block_guidance = _frames(guidance, offset + s, offset + e)
         first = b == 0 and first_sigmas is not None
         sched = first_sigmas if first else sigmas
         kw = {}
         if exit_step is not None:
             kw["exit_step"] = first_exit_step if first and first_exit_step is not None else exit_step
         x0 = sampler(denoiser, noise[:, s:e], sched, block_cond, cache=cache, positions=pos,
-                     guidance=guidance, generator=generator, **kw)
+                     guidance=block_guidance, generator=generator, **kw)
         if e < F or commit_last:
             ctx = (x0 if teacher_context is None else teacher_context[:, s:e]).detach()
             if renoise_context and context_sigma > 0:
                 eps = torch.randn(ctx.shape, generator=generator).to(ctx)
                 ctx = flow.add_noise(ctx, eps, torch.full(ctx.shape[:2], context_sigma, device=ctx.device))
-            denoiser.commit(ctx, block_cond, cache, positions=pos, sigma=context_sigma, guidance=guidance)
+            denoiser.commit(ctx, block_cond, cache, positions=pos, sigma=context_sigma, guidance=block_guidance)
         yield Block(b, offset + s, x0)
+
+
+def _frames(guidance: Guidance | None, start: int, end: int) -> Guidance | None:
+    """The guidance of absolute frames [start, end): a null branch with actions (world models) is sliced like
+    the conditional one; text-only guidance is the same for every block."""
+    if guidance is None or guidance.null.actions is None:
+        return guidance
+    return Guidance(guidance.scale, guidance.null.frames(start, end))
 
 
 def generate(denoiser, noise: Tensor, cond: Cond, **kw) -> Tensor:

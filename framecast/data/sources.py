@@ -32,7 +32,44 @@ class ShapesSource:
         return Batch(self.codec.encode(video), cond, null, captions)
 
 
-def build_source(cfg: DataConfig, text_encoder: TextEncoder, codec: Codec):
+class EpisodeSource:
+    """Clips of recorded episodes (data/envs.py) for action-conditioned world models: `num_frames` consecutive
+    frames from a random episode and start, their actions (actions[:, f] leads to frame f) and the empty prompt.
+    The null conditioning has null actions, so conditioning dropout trains the action-unconditional model."""
+
+    def __init__(self, cfg: DataConfig, text_encoder: TextEncoder, codec: Codec, num_actions: int) -> None:
+        from .envs import load_episodes
+
+        if not cfg.path:
+            raise ValueError("data.name=episodes needs data.path (a folder written by framecast record)")
+        ep = load_episodes(cfg.path)
+        self.frames, self.actions = ep["frames"], ep["actions"]  # [E, T, 3, H, W] uint8, [E, T]
+        E, T, C, H, W = self.frames.shape
+        if (H, W) != (cfg.height, cfg.width) or T < cfg.num_frames:
+            raise ValueError(f"{cfg.path} holds {T}-frame episodes of {H}x{W}; the config asks for "
+                             f"{cfg.num_frames} frames of {cfg.height}x{cfg.width}")
+        null = int(self.actions[:, 0].max())  # frame 0 of every episode carries the null action
+        if null != num_actions:
+            raise ValueError(f"{cfg.path} records {null} actions; set model.num_actions={null}")
+        self.num_frames, self.null_action = cfg.num_frames, null
+        self.text_encoder, self.codec = text_encoder, codec
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[Cond, Cond]:
+        return Cond(self.text_encoder.encode(prompts)), Cond(self.text_encoder.encode([""] * len(prompts)))
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> Batch:
+        E, T = self.actions.shape
+        ep = torch.randint(0, E, (batch_size,), generator=generator)
+        start = torch.randint(0, T - self.num_frames + 1, (batch_size,), generator=generator)
+        idx = start[:, None] + torch.arange(self.num_frames)  # [B, F]
+        video = self.frames[ep[:, None], idx].float() / 127.5 - 1  # [B, F, 3, H, W] in [-1, 1]
+        actions = self.actions[ep[:, None], idx]  # [B, F]
+        text = self.text_encoder.encode([""] * batch_size)
+        null = Cond(text.clone(), torch.full_like(actions, self.null_action))  # own storage: pair stores save both
+        return Batch(self.codec.encode(video), Cond(text, actions), null, [""] * batch_size)
+
+
+def build_source(cfg: DataConfig, text_encoder: TextEncoder, codec: Codec, num_actions: int = 0):
     if cfg.name == "shapes":
         return ShapesSource(cfg, text_encoder, codec)
     if cfg.name == "vectors":  # frames are D-vectors: a model with in_channels = D and patch (1, 1, 1)
@@ -44,4 +81,6 @@ def build_source(cfg: DataConfig, text_encoder: TextEncoder, codec: Codec):
         mixture = VectorMixture.random(cfg.num_frames, cfg.vector_dim, cfg.vector_components, cfg.vector_std,
                                        cfg.seed)
         return VectorSource(mixture, text_encoder.dim, cfg.text_tokens)
-    raise ValueError(f"unknown data source {cfg.name!r}; choose shapes or vectors")
+    if cfg.name == "episodes":
+        return EpisodeSource(cfg, text_encoder, codec, num_actions)
+    raise ValueError(f"unknown data source {cfg.name!r}; choose shapes, vectors or episodes")

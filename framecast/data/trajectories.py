@@ -27,6 +27,7 @@ from .batch import Batch
 Tensor = torch.Tensor
 MANIFEST = "manifest.json"
 FIELDS = ("states", "endpoint", "clean", "text", "null")
+ACTION_FIELDS = ("actions", "null_actions")  # [n, F] int64, world-model stores only (both or neither)
 
 
 class PairStoreError(RuntimeError):
@@ -70,8 +71,8 @@ class PairStore:
         return [i for i in range(self.num_shards) if not self.shard_path(i).is_file()]
 
     def write(self, i: int, tensors: dict[str, Tensor], captions: list[str]) -> Path:
-        if sorted(tensors) != sorted(FIELDS):
-            raise ValueError(f"a shard holds {FIELDS}, got {sorted(tensors)}")
+        if sorted(tensors) not in (sorted(FIELDS), sorted(FIELDS + ACTION_FIELDS)):
+            raise ValueError(f"a shard holds {FIELDS} (+ {ACTION_FIELDS} for world models), got {sorted(tensors)}")
         n = self.shard_len(i)
         bad = {k: tuple(v.shape) for k, v in tensors.items() if v.shape[0] != n}
         if bad or len(captions) != n:
@@ -80,7 +81,8 @@ class PairStore:
         if path.exists():
             raise PairStoreError(f"{path} already exists; refusing to overwrite it")
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.detach().contiguous().cpu().float() for k, v in tensors.items()}, str(tmp),
+        save_file({k: v.detach().contiguous().cpu().clone() if k in ACTION_FIELDS else v.detach().contiguous().cpu().float()
+                   for k, v in tensors.items()}, str(tmp),
                   metadata={"captions": json.dumps(captions)})
         os.replace(tmp, path)
         return path
@@ -90,19 +92,19 @@ class PairStore:
         missing = self.missing()
         if missing:
             raise PairStoreError(f"pair store {self.root} lacks shards {missing[:5]}; run the ODE stage to finish it")
-        parts: dict[str, list[Tensor]] = {k: [] for k in FIELDS}
+        parts: dict[str, list[Tensor]] = {k: [] for k in FIELDS + ACTION_FIELDS}
         captions: list[str] = []
         for i in range(self.num_shards):
             path = self.shard_path(i)
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    for k in FIELDS:
+                    for k in FIELDS + tuple(k for k in ACTION_FIELDS if k in f.keys()):
                         parts[k].append(f.get_tensor(k))
                     captions += json.loads((f.metadata() or {})["captions"])
             except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
                 raise PairStoreError(f"pair shard {path} is corrupt or truncated ({str(e).splitlines()[0]}); "
                                      f"delete it and re-run to regenerate it") from None
-        return {k: torch.cat(v) for k, v in parts.items()}, captions
+        return {k: torch.cat(v) for k, v in parts.items() if v}, captions
 
 
 class PairSource:
@@ -116,5 +118,6 @@ class PairSource:
     def batch(self, batch_size: int, generator: torch.Generator) -> Batch:
         idx = torch.randint(0, self.size, (batch_size,), generator=generator)
         t = {k: v[idx] for k, v in self.tensors.items()}
-        return Batch(t["clean"], Cond(t["text"]), Cond(t["null"]), [self.captions[i] for i in idx.tolist()],
+        return Batch(t["clean"], Cond(t["text"], t.get("actions")), Cond(t["null"], t.get("null_actions")),
+                     [self.captions[i] for i in idx.tolist()],
                      {"states": t["states"], "endpoint": t["endpoint"]})

@@ -35,12 +35,16 @@ def plan_for_mode(mode: str, obj: ObjectiveConfig) -> AttentionPlan:
 
 
 def drop_text(cond: Cond, null: Cond, p: float, generator: torch.Generator) -> Cond:
-    """Replace the prompt of each sample by the null prompt with probability p (CFG training)."""
+    """Replace the conditioning of each sample -- its prompt and, for world models, its actions -- by the null
+    one with probability p, so the model also learns the unconditional velocity (CFG training)."""
     if p <= 0:
         return cond
     drop = torch.rand(cond.batch, generator=generator) < p  # [B]
     text = torch.where(drop[:, None, None].to(cond.text.device), null.text, cond.text)
-    return Cond(text, cond.actions)
+    actions = cond.actions
+    if actions is not None and null.actions is not None:
+        actions = torch.where(drop[:, None].to(actions.device), null.actions, actions)  # [B, F]
+    return Cond(text, actions)
 
 
 class FlowMatching:

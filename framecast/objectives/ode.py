@@ -152,8 +152,11 @@ def write_pairs(store, teacher, source, *, block_size: int, steps: int, shift: f
         cfg = Guidance(guidance, batch.null) if guidance != 1.0 else None
         pairs = generate_pairs(teacher, batch.video, batch.cond, noise, block_size=block_size, steps=steps,
                                shift=shift, anchors=anchors, guidance=cfg, mode=mode, teacher_kind=teacher_kind)
-        store.write(i, {"states": pairs.states, "endpoint": pairs.endpoint, "clean": pairs.clean,
-                        "text": batch.cond.text, "null": batch.null.text}, batch.captions)
+        tensors = {"states": pairs.states, "endpoint": pairs.endpoint, "clean": pairs.clean,
+                   "text": batch.cond.text, "null": batch.null.text}
+        if batch.cond.actions is not None:  # world models: the pairs were made under these actions
+            tensors.update(actions=batch.cond.actions, null_actions=batch.null.actions)
+        store.write(i, tensors, batch.captions)
         record_seconds(store.root, i, time.perf_counter() - t0)
         bar.update(store.shard_len(i))
     bar.close()

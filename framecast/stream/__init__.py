@@ -127,7 +127,8 @@ class Session:
     def _guidance(self, frames: int) -> Guidance | None:
         if self.guidance_scale == 1.0:
             return None
-        acts = None if self.num_actions == 0 else torch.full((1, frames), self.num_actions, dtype=torch.long)
+        acts = (None if self.num_actions == 0  # indexed by absolute frame, like _cond's (rollout slices both)
+                else torch.full((1, self.cache.end + frames), self.num_actions, dtype=torch.long))
         return Guidance(self.guidance_scale, Cond(self.null_text, acts))
 
     @property
