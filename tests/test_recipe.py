@@ -80,3 +80,10 @@ def test_recipe_stage_key_and_kind(tmp_path):
     from framecast.pipeline import stage_mode
     with pytest.raises(C.ConfigError, match="nosuch"):
         stage_mode(C.load_recipe(p).stages[0])
+
+
+def test_minigrid_recipe_is_an_action_conditioned_frame_wise_pipeline():
+    r = C.load_recipe(CONFIGS / "minigrid.yaml")
+    assert [c.stage for c in r.stages] == ["stage0", "stage1", "cd", "dmd"]
+    assert all(c.model.num_actions == 3 and c.data.name == "episodes" for c in r.stages)
+    assert r.stages[-1].distill.denoising_steps == [1000, 500] and r.stages[1].objective.block_size == 1
