@@ -81,3 +81,26 @@ def test_every_stage_trains_on_episodes(episodes, tmp_path, one_thread):
         out = [generate(model, noise, Cond(b.cond.text, acts), sampler=euler, sigmas=torch.tensor([1.0, 0.5, 0.0]),
                         block_size=1, guidance=Guidance(2.0, b.null)) for acts in (b.cond.actions, b.null.actions)]
     assert out[0].shape == b.video.shape and not torch.allclose(out[0], out[1])
+
+
+def test_psnr_and_controllability(episodes, tmp_path, one_thread):
+    from framecast.eval import world as W
+    from framecast.models.conditioning import build_text_encoder
+    from framecast.pipeline import build_denoiser, sampling_meta
+
+    from .conftest import randomise
+
+    a = torch.zeros(2, 3, 4, 4)
+    assert torch.allclose(W.psnr(a + 0.1, a), torch.full((2,), 10 * torch.log10(torch.tensor(4 / 0.01))))
+    with pytest.raises(ValueError, match="psnr"):
+        W.psnr(a, a[:1])
+    c = cfg(episodes, "stage=stage1", "sample.steps=2")
+    model = randomise(build_denoiser(c.model)).eval()
+    enc = build_text_encoder("hash", c.model.text_dim, c.data.text_tokens, 0)
+    ep = load_episodes(episodes)
+    frames, actions = ep["frames"][:, :4], ep["actions"][:, :4]
+    m = W.controllability(model, sampling_meta(c), enc, frames, actions, context=1)
+    assert len(m["psnr_by_horizon"]) == 3 and m["delta_psnr"] == pytest.approx(m["psnr"] - m["psnr_shuffled"])
+    assert m["delta_psnr"] != 0  # a random model with a random action embedder still reacts to actions
+    with pytest.raises(ValueError, match="context"):
+        W.open_loop(model, sampling_meta(c), enc, frames, actions, context=4)
