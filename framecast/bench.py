@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import config as C
 from .eval import features as Fe
 from .eval import toy as T
 from .media import labelled_rows
-from .models.conditioning import Cond, build_text_encoder
+from .models.conditioning import Cond
 from .objectives.ode import pair_seconds
-from .pipeline import load_model, run_recipe, sample, stream
+from .pipeline import load_model, run_recipe, sample, stream, text_encoder_for
+from .train.loop import read_log
 
 BENCH_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "bench_toy.yaml"
 SMOKE = ["name=bench_smoke", "train.steps=3", "train.batch_size=2", "train.sample_every=0", "train.ckpt_every=0",
@@ -70,7 +70,7 @@ METRICS = ("fidelity", "subject_consistency", "dynamic_degree", "motion_smoothne
 
 def stage_seconds(run_dir: Path) -> float:
     """Training wall time of a finished stage (the last logged `time`), plus ODE pair generation if any."""
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = read_log(run_dir)
     t = next((r["time"] for r in reversed(rows) if "time" in r), float("nan"))
     if (run_dir / "pairs").is_dir():
         t += pair_seconds(run_dir / "pairs")[0]
@@ -150,7 +150,7 @@ def run(*, out_dir: str = "runs", smoke: bool = False, clips: int | None = None,
             model, meta, cfg = load_model(results[m.stage].ckpt)
             sm = meta["sampling"]
             if text is None:
-                text = build_text_encoder(sm["text_encoder"], cfg.model.text_dim, sm["text_tokens"], cfg.data.seed)
+                text = text_encoder_for(cfg, sm)
             steps = (4 if smoke else m.steps) if m.steps else None
             video = torch.cat([sample(model, sm, Cond(text.encode(captions[i:i + 32])),
                                       Cond(text.encode([""] * len(captions[i:i + 32]))), num_frames=d.num_frames,

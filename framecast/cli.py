@@ -49,14 +49,14 @@ def _sample(args: argparse.Namespace) -> None:
     import torch
 
     from .media import grid, write_video
-    from .models.conditioning import Cond, build_text_encoder
-    from .pipeline import load_model, sample
+    from .models.conditioning import Cond
+    from .pipeline import load_model, sample, text_encoder_for
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, meta, cfg = load_model(args.ckpt, use_ema=args.ema)
     sm = meta["sampling"]
-    enc = build_text_encoder(sm["text_encoder"], cfg.model.text_dim, sm["text_tokens"], cfg.data.seed)
+    enc = text_encoder_for(cfg, sm)
     prompts = args.prompt or cfg.sample.prompts
     prompts = [p for p in prompts for _ in range(args.num)]
     cond, null = Cond(enc.encode(prompts)), Cond(enc.encode([""] * len(prompts)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -85,8 +84,9 @@ def labelled_rows(rows: list[tuple[str, Tensor]], path: str | Path, fps: int = 6
 
 def plot_metrics(jsonl: str | Path, out: str | Path, keys: tuple[str, ...] = ("loss",)) -> Path | None:
     """Loss curves from a metrics.jsonl; returns None when there is nothing to plot."""
-    rows = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "step" in r]
+    from .train.loop import read_log
+
+    rows = [r for r in read_log(jsonl) if "step" in r]
     if not rows:
         return None
     import matplotlib

@@ -183,6 +183,11 @@ def stream(model: Denoiser, meta: dict[str, Any], cond: Cond, null: Cond, *, num
     return sample(model, meta, cond, null, num_frames=num_frames, as_stream=True, **kw)
 
 
+def text_encoder_for(cfg: C.RunConfig, sampling: dict[str, Any]):
+    """The text encoder a checkpoint was trained with (its sampling meta names it; the config sizes it)."""
+    return build_text_encoder(sampling["text_encoder"], cfg.model.text_dim, sampling["text_tokens"], cfg.data.seed)
+
+
 def load_model(path: str | Path, *, use_ema: bool | None = None, device: str = "cpu"):
     """(denoiser, meta, config) from a checkpoint; EMA weights by default when the checkpoint kept them."""
     src = ckpt.resolve(path)

@@ -21,10 +21,11 @@ import torch
 from .eval import toy as T
 from .eval.checks import Recorder, stream_vs_packed
 from .media import grid, write_video
-from .models.conditioning import Cond, build_text_encoder
+from .models.conditioning import Cond
 from .models.denoiser import Guidance
-from .pipeline import load_model, run_recipe, sample, stream
+from .pipeline import load_model, run_recipe, sample, stream, text_encoder_for
 from .train import checkpoint as ckpt
+from .train.loop import read_log
 
 EVAL_CLIPS = 32  # held-out captions sampled per stage by its health check; the metric table reads those scores
 COLUMNS = ("fidelity", "subject_consistency", "dynamic_degree", "motion_smoothness", "instruction_following")
@@ -56,7 +57,7 @@ def _score_stages(results, clips: int) -> dict[str, dict]:
 def _final_sample(ckpt_dir: Path, root: Path) -> dict:
     model, meta, cfg = load_model(ckpt_dir)
     sm = meta["sampling"]
-    enc = build_text_encoder(sm["text_encoder"], cfg.model.text_dim, sm["text_tokens"], cfg.data.seed)
+    enc = text_encoder_for(cfg, sm)
     prompts = cfg.sample.prompts
     cond, null = Cond(enc.encode(prompts)), Cond(enc.encode([""] * len(prompts)))
     frames = cfg.sample.num_frames
@@ -84,7 +85,7 @@ def _final_sample(ckpt_dir: Path, root: Path) -> dict:
 
 
 def _last_loss(run_dir: Path) -> str:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = read_log(run_dir)
     for key in ("model/loss", "critic/loss"):
         val = next((r[key] for r in reversed(rows) if key in r), None)
         if val is not None:

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from framecast.media import grid, write_video
-from framecast.models.conditioning import Cond, build_text_encoder
-from framecast.pipeline import load_model, sample
+from framecast.models.conditioning import Cond
+from framecast.pipeline import load_model, sample, text_encoder_for
 
 PROMPTS = ["a red circle moving right slow", "a green square moving down fast", "a blue triangle moving left fast",
            "a yellow square moving up slow"]
@@ -48,7 +48,7 @@ def main() -> None:
     for path in a.ckpts:
         model, meta, cfg = load_model(path)
         sm = meta["sampling"]
-        enc = build_text_encoder(sm["text_encoder"], cfg.model.text_dim, sm["text_tokens"], cfg.data.seed)
+        enc = text_encoder_for(cfg, sm)
         cond, null = Cond(enc.encode(prompts)), Cond(enc.encode([""] * len(prompts)))
         sample(model, sm, cond, null, num_frames=1, seed=a.seed)  # warm-up (first-call allocation)
         t0 = time.perf_counter()

@@ -15,15 +15,21 @@ from .batch import Batch
 from .shapes import ShapesDataset, collate
 
 
-class ShapesSource:
+class _Prompted:
+    """Sources whose periodic training samples are conditioned on prompts through the run's text encoder."""
+
+    text_encoder: TextEncoder
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[Cond, Cond]:
+        return Cond(self.text_encoder.encode(prompts)), Cond(self.text_encoder.encode([""] * len(prompts)))
+
+
+class ShapesSource(_Prompted):
     """Text-to-video sprites (data/shapes.py), captions through a frozen text encoder."""
 
     def __init__(self, cfg: DataConfig, text_encoder: TextEncoder, codec: Codec) -> None:
         self.dataset = ShapesDataset(cfg.num_frames, cfg.height, cfg.width, seed=cfg.seed, length=cfg.length)
         self.text_encoder, self.codec = text_encoder, codec
-
-    def encode_prompts(self, prompts: list[str]) -> tuple[Cond, Cond]:
-        return Cond(self.text_encoder.encode(prompts)), Cond(self.text_encoder.encode([""] * len(prompts)))
 
     def batch(self, batch_size: int, generator: torch.Generator) -> Batch:
         idx = torch.randint(0, len(self.dataset), (batch_size,), generator=generator).tolist()
@@ -32,7 +38,7 @@ class ShapesSource:
         return Batch(self.codec.encode(video), cond, null, captions)
 
 
-class EpisodeSource:
+class EpisodeSource(_Prompted):
     """Clips of recorded episodes (data/envs.py) for action-conditioned world models: `num_frames` consecutive
     frames from a random episode and start, their actions (actions[:, f] leads to frame f) and the empty prompt.
     The null conditioning has null actions, so conditioning dropout trains the action-unconditional model."""
@@ -53,9 +59,6 @@ class EpisodeSource:
             raise ValueError(f"{cfg.path} records {null} actions; set model.num_actions={null}")
         self.num_frames, self.null_action = cfg.num_frames, null
         self.text_encoder, self.codec = text_encoder, codec
-
-    def encode_prompts(self, prompts: list[str]) -> tuple[Cond, Cond]:
-        return Cond(self.text_encoder.encode(prompts)), Cond(self.text_encoder.encode([""] * len(prompts)))
 
     def batch(self, batch_size: int, generator: torch.Generator) -> Batch:
         E, T = self.actions.shape

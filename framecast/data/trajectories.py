@@ -81,7 +81,7 @@ class PairStore:
         if path.exists():
             raise PairStoreError(f"{path} already exists; refusing to overwrite it")
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.detach().contiguous().cpu().clone() if k in ACTION_FIELDS else v.detach().contiguous().cpu().float()
+        save_file({k: v.detach().contiguous().cpu().to(torch.long if k in ACTION_FIELDS else torch.float32)
                    for k, v in tensors.items()}, str(tmp),
                   metadata={"captions": json.dumps(captions)})
         os.replace(tmp, path)

@@ -116,13 +116,13 @@ def sample_checks(metrics: dict, init_metrics: dict | None) -> list[Check]:
 @torch.no_grad()
 def sample_metrics(ckpt_dir: str | Path, clips: int = 16, seed: int = 0) -> dict:
     """Toy metrics of `clips` samples for held-out captions (the data seed + 1), sampled as the checkpoint says."""
-    from ..models.conditioning import Cond, build_text_encoder
-    from ..pipeline import load_model, sample
+    from ..models.conditioning import Cond
+    from ..pipeline import load_model, sample, text_encoder_for
 
     model, meta, cfg = load_model(ckpt_dir)
     sm, d = meta["sampling"], cfg.data
     _, captions = T.real_clips(clips, d.num_frames, d.height, d.width, seed=d.seed + 1)
-    enc = build_text_encoder(sm["text_encoder"], cfg.model.text_dim, sm["text_tokens"], d.seed)
+    enc = text_encoder_for(cfg, sm)
     video = sample(model, sm, Cond(enc.encode(captions)), Cond(enc.encode([""] * clips)), num_frames=d.num_frames,
                    seed=seed)
     return T.clip_metrics(video, captions)
@@ -132,7 +132,9 @@ def check_stage(run_dir: str | Path, ckpt_dir: str | Path, kind: str, *, init: s
                 clips: int = 16) -> Health:
     """Health of a finished stage; writes `<run_dir>/health.json` and returns it."""
     run_dir = Path(run_dir)
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    from ..train.loop import read_log
+
+    rows = read_log(run_dir)
     h = Health(run_dir.name, loss_checks(rows, kind, from_scratch=not init), checkpoint=str(ckpt_dir))
     if data == "shapes":
         h.metrics = sample_metrics(ckpt_dir, clips)

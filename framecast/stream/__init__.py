@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .. import flow
-from ..models.conditioning import Cond, build_text_encoder
+from ..models.conditioning import Cond
 from ..models.denoiser import Guidance
 from ..rollout import rollout
 from ..sampling import SAMPLERS
@@ -59,11 +59,11 @@ class Session:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kw) -> Session:
-        from ..pipeline import load_model
+        from ..pipeline import load_model, text_encoder_for
 
         model, meta, cfg = load_model(path)
         sm = meta["sampling"]
-        enc = build_text_encoder(sm["text_encoder"], cfg.model.text_dim, sm["text_tokens"], cfg.data.seed)
+        enc = text_encoder_for(cfg, sm)
         return cls(model, sm, text_encoder=enc, **kw)
 
     # -- lifecycle --------------------------------------------------------------------------------

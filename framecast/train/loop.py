@@ -176,7 +176,7 @@ class Trainer:
         self.ema_live = set(state.get("ema_live", older))  # `ema_live` was saved: their EMA was already running
         return int(state["step"])
 
-    def _log(self, row: dict[str, Any]) -> None:
+    def _log(self, row: dict[str, Any]) -> None:  # read back with read_log
         self.state.history.append(row)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -277,3 +277,11 @@ class Trainer:
                 if n in saved:
                     m.load_state_dict(saved[n])
                 m.train()
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """The rows a Trainer logged: `path` is a run directory or its metrics.jsonl."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
