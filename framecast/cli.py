@@ -146,13 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     q.set_defaults(fn=_quickstart)
 
     w = sub.add_parser("record", help="record episodes (frames + actions) from an environment; resumable")
-    w.add_argument("env", choices=["minigrid"], help="environment (MiniGrid FourRooms, egocentric view)")
+    w.add_argument("env", choices=["minigrid", "breakout"],
+                   help="MiniGrid FourRooms (egocentric view) or ALE Breakout (resized screen)")
     w.add_argument("--out", required=True, help="folder for the manifest and shards")
     w.add_argument("--episodes", type=int, default=512)
     w.add_argument("--frames", type=int, default=16, help="frames per episode (the first is the reset view)")
     w.add_argument("--seed", type=int, default=0, help="episode e uses seed (seed, e): held-out data = another seed")
     w.add_argument("--tile", type=int, default=4, help="pixels per grid cell of the 7x7 egocentric view")
-    w.add_argument("--size", type=int, default=32, help="frames are padded to size x size")
+    w.add_argument("--size", type=int, default=None,
+                   help="frame size: MiniGrid views are padded to it (default 32), Breakout resized (default 64)")
     w.add_argument("--shard-size", type=int, default=64, help="episodes per shard")
     w.set_defaults(fn=_record)
 

@@ -17,13 +17,18 @@ def test_record_is_deterministic_resumable_and_aligned(tmp_path):
     record("minigrid", b, episodes=5, frames=10, seed=3, shard_size=2, progress=False)
     da, db = load_episodes(a), load_episodes(b)
     assert da["frames"].shape == (5, 10, 3, 32, 32) and da["frames"].dtype == torch.uint8
-    for k in da:
+    for k in ("frames", "actions", "state"):
         assert torch.equal(da[k], db[k]), k
-    assert (da["actions"][:, 0] == 3).all() and da["actions"][:, 1:].lt(3).all()  # frame 0: null action
-    # actions[:, f] leads to frame f: a turn changes the heading at that very frame, forward never turns
-    d_heading = (da["pose"][:, 1:, 2] - da["pose"][:, :-1, 2]) % 4
-    acts = da["actions"][:, 1:]
+    assert (da["actions"][:, 0] == 4).all() and da["actions"][:, 1:].lt(4).all()  # frame 0: null action
+    assert da["manifest"]["actions"] == ["left", "right", "forward", "stay"]
+    # actions[:, f] leads to frame f: a turn changes the heading at that very frame, forward never turns, stay
+    # changes nothing (state or view)
+    st, acts = da["state"], da["actions"][:, 1:]
+    d_heading = (st[:, 1:, 2] - st[:, :-1, 2]) % 4
     assert (d_heading[acts == 0] == 3).all() and (d_heading[acts == 1] == 1).all() and (d_heading[acts == 2] == 0).all()
+    stay = acts == 3
+    assert stay.any() and torch.equal(st[:, 1:][stay], st[:, :-1][stay])
+    assert torch.equal(da["frames"][:, 1:][stay], da["frames"][:, :-1][stay])
     # a cut-off run: lose a shard, re-run, get the identical recording back
     (a / "shard_00001.safetensors").unlink()
     record("minigrid", a, episodes=5, frames=10, seed=3, shard_size=2, progress=False)
@@ -55,3 +60,19 @@ def test_record_cli(tmp_path, capsys):
     assert load_episodes(tmp_path)["frames"].shape[:2] == (3, 5)
     assert main(["record", "minigrid", "--out", str(tmp_path), "--episodes", "3", "--frames", "6"]) == 2
     assert "different recording" in capsys.readouterr().err
+
+
+def test_record_breakout_64px_paddle_follows_actions(tmp_path):
+    pytest.importorskip("ale_py", reason="Breakout needs ale-py (the [world] extra)")
+    d = load_episodes(record("breakout", tmp_path, episodes=3, frames=24, seed=0, shard_size=2, progress=False).parent)
+    assert d["frames"].shape == (3, 24, 3, 64, 64) and d["manifest"]["state_fields"][0] == "paddle_x"
+    assert (d["actions"][:, 0] == 4).all()
+    again = load_episodes(record("breakout", tmp_path / "again", episodes=3, frames=24, seed=0, shard_size=2,
+                                 progress=False).parent)
+    assert torch.equal(again["frames"], d["frames"])  # sticky actions off: replay is exact
+    # actions[:, f] leads to frame f: RIGHT never moves the paddle left, LEFT never right, and both move it
+    dx = d["state"][:, 1:, 0] - d["state"][:, :-1, 0]
+    acts = d["actions"][:, 1:]
+    assert (dx[acts == 2] >= 0).all() and (dx[acts == 3] <= 0).all()
+    assert (dx[acts == 2] > 0).any() and (dx[acts == 3] < 0).any()
+    assert d["frames"].float().std() > 5  # a real screen, not a blank one

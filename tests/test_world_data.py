@@ -29,7 +29,7 @@ def episodes(tmp_path_factory):
 
 
 def cfg(episodes, *extra):
-    return C.load(TINY, ["data.name=episodes", f"data.path={episodes}", "model.num_actions=3", *extra])
+    return C.load(TINY, ["data.name=episodes", f"data.path={episodes}", "model.num_actions=4", *extra])
 
 
 def test_clips_keep_actions_aligned_and_dropout_nulls_them(episodes, one_thread):
@@ -41,13 +41,13 @@ def test_clips_keep_actions_aligned_and_dropout_nulls_them(episodes, one_thread)
         frames = ((b.video[i] + 1) * 127.5).round().to(torch.uint8)
         hits = [(e, t) for e in range(6) for t in range(5) if torch.equal(ep["frames"][e, t:t + 4], frames)]
         assert any(torch.equal(ep["actions"][e, t:t + 4], b.cond.actions[i]) for e, t in hits)
-    assert (b.null.actions == 3).all()
+    assert (b.null.actions == 4).all()
     dropped = drop_text(b.cond, b.null, 1.0, torch.Generator())
-    assert (dropped.actions == 3).all() and torch.equal(dropped.text, b.null.text)
-    with pytest.raises(ValueError, match="model.num_actions=3"):
+    assert (dropped.actions == 4).all() and torch.equal(dropped.text, b.null.text)
+    with pytest.raises(ValueError, match="model.num_actions=4"):
         build_data(cfg(episodes, "model.num_actions=5"))
     with pytest.raises(ValueError, match="data.path"):
-        build_data(C.load(TINY, ["data.name=episodes", "model.num_actions=3"]))
+        build_data(C.load(TINY, ["data.name=episodes", "model.num_actions=4"]))
 
 
 def test_every_stage_trains_on_episodes(episodes, tmp_path, one_thread):
@@ -56,7 +56,7 @@ def test_every_stage_trains_on_episodes(episodes, tmp_path, one_thread):
         f"name: wm\nbase: {TINY}\n"
         f"stages:\n  stage0: {{}}\n  stage1: {{}}\n  cd: {{}}\n  ode: {{init: '@stage1', distill: {{num_pairs: 2, shard_size: 2}}}}\n"
         f"  dmd: {{init: '@cd', distill: {{denoising_steps: [1000, 500]}}}}\n")
-    over = ["data.name=episodes", f"data.path={episodes}", "model.num_actions=3", "train.steps=2",
+    over = ["data.name=episodes", f"data.path={episodes}", "model.num_actions=4", "train.steps=2",
             "train.lr=1.0e-2", "train.warmup=0", "sample.steps=2"]
     results = run_recipe(recipe, over, out_dir=str(tmp_path / "runs"), health_clips=0)
     assert [r.key for r in results] == ["stage0", "stage1", "cd", "ode", "dmd"]
@@ -71,7 +71,7 @@ def test_every_stage_trains_on_episodes(episodes, tmp_path, one_thread):
     store_dir = tmp_path / "runs" / "wm" / "ode" / "pairs"
     pb = PairSource(PairStore(store_dir, json.loads((store_dir / "manifest.json").read_text()))).batch(
         2, torch.Generator().manual_seed(0))
-    assert pb.cond.actions.shape == (2, 4) and (pb.null.actions == 3).all()
+    assert pb.cond.actions.shape == (2, 4) and (pb.null.actions == 4).all()
     # guided streaming with actions: the null branch is sliced per block like the conditional one
     model, meta, _ = load_model(results[1].ckpt)
     src = build_data(cfg(episodes))

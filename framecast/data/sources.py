@@ -54,7 +54,7 @@ class EpisodeSource(_Prompted):
         if (H, W) != (cfg.height, cfg.width) or T < cfg.num_frames:
             raise ValueError(f"{cfg.path} holds {T}-frame episodes of {H}x{W}; the config asks for "
                              f"{cfg.num_frames} frames of {cfg.height}x{cfg.width}")
-        null = int(self.actions[:, 0].max())  # frame 0 of every episode carries the null action
+        null = int(ep["manifest"]["null_action"])  # = the number of actions; frame 0 of every episode has it
         if null != num_actions:
             raise ValueError(f"{cfg.path} records {null} actions; set model.num_actions={null}")
         self.num_frames, self.null_action = cfg.num_frames, null
