@@ -1,10 +1,12 @@
-"""`framecast <verb>`: train, pairs, pipeline, sample, quickstart.
+"""`framecast <verb>`: train, pairs, pipeline, sample, quickstart, record, play, bench.
 
     framecast train --config configs/toy.yaml stage=stage1 init=runs/toy/stage0 train.steps=200
     framecast pipeline --recipe configs/toy_framewise_2step.yaml      # stage0 -> 1 -> cd -> dmd, resumable
     framecast pairs --config configs/toy.yaml distill.teacher=runs/toy/stage1     # ODE pairs only
     framecast sample --ckpt runs/toy/stage1 --prompt "a red circle moving right slow" --frames 16
     framecast quickstart                      # the main job on the toy, then a streamed sample + report
+    framecast record minigrid --out data/minigrid_train --episodes 2048     # world-model episodes
+    framecast play --ckpt runs/minigrid/dmd_2step --start data/minigrid_eval   # live, in the browser
 
 Errors that come from the user's input (config keys, shapes, checkpoints) print one line and exit 2.
 """
@@ -91,6 +93,13 @@ def _record(args: argparse.Namespace) -> None:
     print(f"recorded {args.episodes} episodes x {args.frames} frames: {path.parent}")
 
 
+def _play(args: argparse.Namespace) -> None:
+    from .play import serve
+
+    serve(args.ckpt, host=args.host, port=args.port, threads=args.threads, start=args.start, window=args.window,
+          env=args.env, fps=args.fps, max_sessions=args.max_sessions, max_frames=args.max_frames)
+
+
 def _bench(args: argparse.Namespace) -> None:
     from .bench import run
 
@@ -158,6 +167,22 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--shard-size", type=int, default=64, help="episodes per shard")
     w.set_defaults(fn=_record)
 
+    y = sub.add_parser("play", help="serve a causal (world) model live: a page streams frames, held keys are actions")
+    y.add_argument("--ckpt", required=True, help="a causal checkpoint, e.g. runs/minigrid/dmd_2step")
+    y.add_argument("--start", default=None, help="recording whose first frames start sessions (default: the "
+                   "checkpoint's training recording; none: the model draws the first frame)")
+    y.add_argument("--host", default="127.0.0.1")
+    y.add_argument("--port", type=int, default=8000)
+    y.add_argument("--fps", type=float, default=30.0, help="frame-rate cap (0: as fast as the model goes)")
+    y.add_argument("--window", type=int, default=None, help="KV-cache frames (default: the checkpoint's window, "
+                   "else its training clip length)")
+    y.add_argument("--env", default=None, help="action names and keys of this environment (default: from the "
+                   "recording's manifest)")
+    y.add_argument("--max-sessions", type=int, default=2, help="concurrent players; the next one is refused")
+    y.add_argument("--max-frames", type=int, default=0, help="frames per session before a reset is needed (0: none)")
+    y.add_argument("--threads", type=int, default=0, help="torch threads")
+    y.set_defaults(fn=_play)
+
     b = sub.add_parser("bench", help="train (or reuse) and evaluate every method of a benchmark; writes a table + gif")
     b.add_argument("suite", choices=["toy"], help="which benchmark (configs/bench_toy.yaml)")
     b.add_argument("--smoke", action="store_true", help="every stage a few steps: checks the path in minutes")
@@ -176,12 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     from .data.envs import RecordError
     from .data.trajectories import PairStoreError
+    from .stream import SessionError
     from .train.checkpoint import CheckpointError
     from .train.loop import RunLockedError
 
     try:
         args.fn(args)
-    except (C.ConfigError, CheckpointError, PairStoreError, RecordError, RunLockedError, ValueError) as e:
+    except (C.ConfigError, CheckpointError, PairStoreError, RecordError, RunLockedError, SessionError, ValueError) as e:
         print(f"framecast: error: {e}", file=sys.stderr)
         return 2
     return 0

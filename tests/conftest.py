@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -38,3 +40,34 @@ def tiny_cfg() -> C.ModelConfig:
 @pytest.fixture
 def tiny_model(tiny_cfg):
     return randomise(build_denoiser(tiny_cfg)).eval()
+
+
+STUDENT = ["stage=dmd", "model.num_actions=4", "model.text_dim=32", "data.name=episodes", "data.text_encoder=hash",
+           "data.text_tokens=4", "distill.denoising_steps=[1000,500]"]
+
+
+def student_world(**kw):
+    """A play World with the MiniGrid 2-step student's shapes (toy preset, 32x32, 4 actions, 2-step frame-wise)
+    and random weights; the action embedding is random too (a fresh one is zero), so actions visibly matter."""
+    from framecast.data.envs import ENVS
+    from framecast.models.conditioning import build_text_encoder
+    from framecast.pipeline import sampling_meta
+    from framecast.play import World
+
+    cfg = C.load(Path(__file__).resolve().parents[1] / "configs" / "toy.yaml", STUDENT)
+    model = build_denoiser(cfg.model).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model.action_embed.table.weight.normal_(0, 1.0, generator=g)  # zero-initialised in a fresh model
+    meta = sampling_meta(cfg)
+    enc = build_text_encoder(meta["text_encoder"], cfg.model.text_dim, meta["text_tokens"], 0)
+    spec = ENVS["minigrid"]
+    starts = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1  # [N, C, H, W]
+    keys = {k: a for k, a in zip(spec.keys, spec.actions) if k}
+    defaults = dict(window=4, fps=0.0, max_sessions=2)
+    return World(model, meta, enc, list(spec.actions), keys, spec.actions.index("stay"), starts, **(defaults | kw))
+
+
+@pytest.fixture(scope="session")
+def make_student_world():
+    return student_world
