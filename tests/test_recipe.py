@@ -82,8 +82,17 @@ def test_recipe_stage_key_and_kind(tmp_path):
         stage_mode(C.load_recipe(p).stages[0])
 
 
-def test_minigrid_recipe_is_an_action_conditioned_frame_wise_pipeline():
-    r = C.load_recipe(CONFIGS / "minigrid.yaml")
-    assert [c.stage for c in r.stages] == ["stage0", "stage1", "cd", "dmd"]
-    assert all(c.model.num_actions == 3 and c.data.name == "episodes" for c in r.stages)
-    assert r.stages[-1].distill.denoising_steps == [1000, 500] and r.stages[1].objective.block_size == 1
+@pytest.mark.parametrize("env, size", [("minigrid", 32), ("breakout", 64)])
+def test_world_model_recipes_are_action_conditioned_frame_wise_pipelines(env, size):
+    """One recipe per environment: the teacher, AR teacher, causal CD, the 1- and 2-step students and the
+    bidirectional-init (Self Forcing) baseline, all on the recording's actions (4, incl. 'stay')."""
+    r = C.load_recipe(CONFIGS / f"{env}.yaml")
+    stages = {c.tag or c.stage: c for c in r.stages}
+    assert [c.stage for c in r.stages] == ["stage0", "stage1", "cd", "dmd", "dmd", "ode", "dmd"]
+    assert all(c.model.num_actions == 4 and c.data.name == "episodes" and c.data.height == size for c in r.stages)
+    assert stages["dmd_2step"].distill.denoising_steps == [1000, 500]
+    assert stages["dmd_1step"].distill.denoising_steps == [1000]
+    assert stages["ode_sf"].distill.ode_teacher == "bidirectional" and stages["stage1"].objective.block_size == 1
+    # 64x64 Breakout keeps the MiniGrid student's token count: patch 8 instead of 4
+    tokens = (size // r.stages[0].model.patch_size[1]) ** 2
+    assert tokens == 64

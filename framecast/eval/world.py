@@ -118,7 +118,7 @@ def controllability(model, meta: dict, text_encoder, frames: Tensor, actions: Te
 
 def _trunk(cin: int, width: int) -> nn.Sequential:
     """Three stride-2 convs and a 4x4 adaptive pool: keeps the coarse layout (where the walls are matters for
-    the probe, which way the view moved for the IDM) at any frame size >= 8 px, at ~5 MFLOP a 32 px frame."""
+    the probe, which way the view moved for the IDM) at any frame size >= 8 px, for a few MFLOP a 32 px frame."""
     return nn.Sequential(
         nn.Conv2d(cin, width, 3, stride=2, padding=1), nn.GELU(),
         nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU(),

@@ -1,0 +1,196 @@
+"""World-model metrics of every pipeline stage on held-out recorded episodes (issue: world model, point 3).
+
+    python benchmarks/world_metrics.py                                   # runs/minigrid, 64 held-out episodes
+    python benchmarks/world_metrics.py --stages stage1 dmd_2step --episodes 16 --threads 2
+
+For each stage with a checkpoint under --runs, eval/world.py's world_metrics: open loop from `--context` clean
+frames of each held-out episode under the recorded actions and under actions shuffled across episodes (PSNR,
+SSIM, ΔPSNR), an inverse-dynamics model and a state probe trained on the REAL training recording reading the
+generated frames, and MiniGrid loop closure (research/world_model.md §4). The rows "real frames" (ceiling)
+and "floor" put the numbers on a scale: the IDM on real held-out transitions vs their actions / vs shuffled
+actions, the probe on real frames / its best constant guess.
+
+The IDM and probe are trained once and cached under --cache (default <runs>/eval_cache). Writes
+<out>.json (everything, per-horizon curves included) and <out>.md (the table), after every stage, so a
+cut-off run keeps what it finished. Stages without a checkpoint are skipped with a message; a stage whose
+newest checkpoint is not its last step is evaluated and marked unfinished.
+
+stage0 is bidirectional: trained with one noise level for the whole clip, it never saw a clean frame next
+to noisy ones. pipeline.sample still gives it clean context frames (committed to the KV cache, the clip
+generated as one block attending to them, I2V-style), so it is evaluated that way and marked: its numbers
+say how the teacher does in a setting it was not trained for, not how good its clips are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from framecast.data.envs import load_episodes
+from framecast.eval import world as W
+from framecast.pipeline import load_model, text_encoder_for
+from framecast.train import checkpoint as ckpt
+
+STAGES = ["stage0", "stage1", "cd", "dmd_1step", "dmd_2step", "ode_sf", "dmd_sf_2step"]
+BIDIRECTIONAL_NOTE = ("bidirectional: never trained with clean context frames; open loop via sample()'s cached "
+                      "clean context is out of its training distribution")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", default="runs/minigrid", help="the recipe's run folder (one sub-folder per stage)")
+    p.add_argument("--stages", nargs="+", default=STAGES)
+    p.add_argument("--train", default="data/minigrid_train", help="real recording the IDM and probe learn from")
+    p.add_argument("--eval", default="data/minigrid_eval", help="held-out recording")
+    p.add_argument("--episodes", type=int, default=64, help="held-out episodes (the first N)")
+    p.add_argument("--context", type=int, default=1, help="clean context frames given to the model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loop-starts", type=int, default=32, help="start frames for loop closure (0: skip)")
+    p.add_argument("--steps", type=int, default=None, help="override the sampling steps of multi-step stages")
+    p.add_argument("--cache", default=None, help="IDM / probe cache (default <runs>/eval_cache)")
+    p.add_argument("--idm-steps", type=int, default=1500)
+    p.add_argument("--probe-steps", type=int, default=2000)
+    p.add_argument("--out", default="docs/world_model_metrics", help="writes <out>.json and <out>.md")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _fmt(v, digits=2):
+    if v is None:
+        return "–"
+    if isinstance(v, float) and math.isinf(v):
+        return "∞"
+    return f"{v:.{digits}f}"
+
+
+def table(result: dict) -> str:
+    fields = result["probe"]["fields"]
+    kinds = result["probe"]["kinds"]
+    probe_keys = [f"probe_{f}_{'acc' if k == 'class' else 'mae'}" for f, k in zip(fields, kinds)]
+    probe_heads = [f"{f} {'acc' if k == 'class' else 'MAE'}" for f, k in zip(fields, kinds)]
+    head = (["stage", "step", "PSNR", "PSNR shuf", "ΔPSNR", "PSNR h=1", "PSNR h=last", "SSIM", "IDM acc",
+             "IDM acc shuf", "IDM follows shuf"] + probe_heads + ["loop 4 turns", "2 turns", "stay x4", "eval s"])
+    rows = []
+    ref = result["reference"]
+    rows.append(["real frames (ceiling)", "", "∞", "", "", "", "", "1.00", _fmt(ref["idm_acc"], 3), "", ""]
+                + [_fmt(ref[k]) for k in probe_keys] + ["∞", "", "∞", ""])
+    rows.append(["floor (shuffled actions / constant)", "", "", "", "0", "", "", "", _fmt(ref["idm_acc_shuffled"], 3),
+                 "", ""] + [_fmt(ref[k + "_const"]) for k in probe_keys] + ["", "", "", ""])
+    for name, r in result["stages"].items():
+        if "skipped" in r:
+            continue
+        m = r["metrics"]
+        loop = m.get("loop") or {}
+        mark = "" if r["finished"] else " (unfinished)"
+        mark += " †" if r.get("note") else ""
+        rows.append([name + mark, str(r["step"]), _fmt(m["psnr"]), _fmt(m["psnr_shuffled"]), _fmt(m["delta_psnr"]),
+                     _fmt(m["psnr_by_horizon"][0]), _fmt(m["psnr_by_horizon"][-1]), _fmt(m["ssim"], 3),
+                     _fmt(m.get("idm_acc"), 3), _fmt(m.get("idm_acc_shuffled"), 3),
+                     _fmt(m.get("idm_acc_followed_shuffled"), 3)]
+                    + [f"{_fmt(m.get(k))} / {_fmt(m.get(k + '_shuffled'))}" for k in probe_keys]
+                    + [_fmt(loop.get("loop_psnr")), _fmt(loop.get("half_turn_psnr")), _fmt(loop.get("stay_psnr")),
+                       f"{r['seconds']:.0f}"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    s = result["settings"]
+    notes = [
+        f"# World-model metrics ({s['eval']}, first {s['episodes']} episodes, context {s['context']}, seed {s['seed']})",
+        "",
+        f"Command: `{s['command']}`",
+        "",
+        "\n".join(lines),
+        "",
+        "PSNR/SSIM: open loop vs the recorded frames (mean over generated frames; h = steps after the context). "
+        "ΔPSNR = PSNR(recorded actions) − PSNR(shuffled actions) (research/world_model.md §4.2). "
+        "IDM acc: the inverse-dynamics model (trained on real transitions of "
+        f"{s['train']}) on generated transitions vs the recorded actions; 'shuf' reads the shuffled-action rollout "
+        "against the recorded actions (equal to IDM acc for a model that ignores actions); 'follows shuf' against "
+        "the shuffled actions it was given. Probe columns: model / shuffled-action rollout, vs the recorded state "
+        "(accuracy for class fields, mean absolute error in the field's units otherwise). Loop closure (MiniGrid): "
+        "PSNR to the start view after 4 turns (the same view in the real world), after 2 turns (the opposite "
+        "view: the scale of a different view) and after 4 stays.",
+        "",
+        f"IDM: {result['idm']['steps']} steps, training loss {result['idm']['final_loss']:.3f}; probe: "
+        f"{result['probe']['steps']} steps, training loss {result['probe']['final_loss']:.3f}.",
+    ]
+    skipped = [f"- {n}: {r['skipped']}" for n, r in result["stages"].items() if "skipped" in r]
+    noted = [f"- † {n}: {r['note']}" for n, r in result["stages"].items() if r.get("note")]
+    if noted:
+        notes += ["", *noted]
+    if skipped:
+        notes += ["", "Skipped:", *skipped]
+    return "\n".join(notes) + "\n"
+
+
+def write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(table(result))
+
+
+def evaluate_stage(path: Path, ep: dict, idm, probe, args) -> dict:
+    if not (path / "ckpt" / "latest").is_file():
+        return {"skipped": f"no checkpoint under {path}/ckpt"}
+    model, meta, cfg = load_model(path)
+    sampling = meta["sampling"]
+    manifest = ep["manifest"]
+    if cfg.model.num_actions != manifest["null_action"]:
+        return {"skipped": f"model.num_actions={cfg.model.num_actions}, the recording has {manifest['null_action']} "
+                           f"actions"}
+    if list(sampling["frame_shape"]) != list(ep["frames"].shape[2:]):
+        return {"skipped": f"the model makes {sampling['frame_shape']} frames, the recording has "
+                           f"{list(ep['frames'].shape[2:])}"}
+    step, steps = meta.get("step"), cfg.train.steps
+    kw = {"steps": args.steps} if args.steps and not sampling.get("few_step") else {}
+    t0 = time.perf_counter()
+    m = W.world_metrics(model, sampling, text_encoder_for(cfg, sampling), ep, idm, probe, context=args.context,
+                        seed=args.seed, episodes=args.episodes, loop_starts=args.loop_starts, **kw)
+    return {"checkpoint": str(ckpt.resolve(path)), "step": step, "finished": step == steps, "train_steps": steps,
+            "mode": sampling["mode"], "sampler": sampling["sampler"], "sampling_steps": kw.get("steps", sampling["steps"]),
+            "guidance": sampling["guidance"], "note": None if sampling["causal"] else BIDIRECTIONAL_NOTE,
+            "seconds": time.perf_counter() - t0, "metrics": m}
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    runs, out = Path(args.runs), Path(args.out)
+    cache = Path(args.cache) if args.cache else runs / "eval_cache"
+    progress = not args.no_progress
+    t0 = time.perf_counter()
+    idm, idm_info = W.load_or_train_idm(args.train, cache, steps=args.idm_steps, progress=progress)
+    probe, probe_info = W.load_or_train_probe(args.train, cache, steps=args.probe_steps, progress=progress)
+    print(f"IDM and probe ready ({time.perf_counter() - t0:.0f} s, cache {cache})", flush=True)
+    ep = load_episodes(args.eval)
+    ref = W.real_reference(ep, idm, probe, context=args.context, episodes=args.episodes)
+    print("real frames (ceiling) / floor:", json.dumps(ref), flush=True)
+    result = {"settings": {**vars(args), "command": " ".join(["python", *sys.argv])},
+              "idm": {k: idm_info[k] for k in ("steps", "seed", "final_loss")},
+              "probe": {k: probe_info[k] for k in ("steps", "seed", "final_loss", "fields", "kinds", "classes")},
+              "reference": ref, "stages": {}}
+    write(result, out)
+    for name in args.stages:
+        r = evaluate_stage(runs / name, ep, idm, probe, args)
+        result["stages"][name] = r
+        if "skipped" in r:
+            print(f"== {name}: skipped ({r['skipped']})", flush=True)
+        else:
+            m = r["metrics"]
+            print(f"== {name} (step {r['step']}/{r['train_steps']}, {r['seconds']:.0f} s): "
+                  f"psnr {m['psnr']:.2f} shuffled {m['psnr_shuffled']:.2f} Δ {m['delta_psnr']:.2f}, "
+                  f"IDM {m['idm_acc']:.3f} shuffled {m['idm_acc_shuffled']:.3f}, "
+                  f"loop {json.dumps({k: v for k, v in (m['loop'] or {}).items() if k != 'by_step'})}", flush=True)
+        write(result, out)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
