@@ -58,7 +58,7 @@ def encode_png(frame: torch.Tensor) -> bytes:
     """[C, H, W] in [-1, 1] -> PNG bytes at native size (the page scales it up without smoothing)."""
     from PIL import Image
 
-    img = ((frame.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()  # [H, W, C]
+    img = ((frame.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()  # [H, W, C]
     buf = io.BytesIO()
     Image.fromarray(img if img.shape[2] == 3 else img[..., 0]).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()

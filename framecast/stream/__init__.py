@@ -40,6 +40,9 @@ class Session:
             raise SessionError("a streaming session needs a causal (frame-wise or chunk-wise AR) model; this checkpoint "
                                "is bidirectional")
         self.model, self.meta, self.text_encoder = model.eval(), meta, text_encoder
+        # noise is drawn on the CPU from the session's generator (the same frames on any device), then moved
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
         self.block_size = int(meta["block_size"])
         self.window = meta["window"] if window is None else window
         self.sink = meta["sink"] if sink is None else sink
@@ -79,7 +82,7 @@ class Session:
             if tuple(first_frame.shape) != self.frame_shape:
                 raise SessionError(f"first frame has shape {tuple(first_frame.shape)}, the model makes "
                                    f"{self.frame_shape}")
-            ctx = first_frame[None, None].float()  # [1, 1, C, H, W]
+            ctx = first_frame[None, None].to(self.device, self.dtype)  # [1, 1, C, H, W]
             list(rollout(self.model, ctx[:, :0], self._cond(None, 1), sampler=self.sampler, sigmas=self.sigmas,
                          block_size=self.block_size, context=ctx, cache=self.cache, guidance=self._guidance(1)))
 
@@ -87,8 +90,8 @@ class Session:
         """Condition the following frames on `prompt` (the frames already cached keep theirs)."""
         if self.text_encoder is None:
             raise SessionError("this session has no text encoder (build it with Session.from_checkpoint)")
-        self.text = self.text_encoder.encode([prompt])
-        self.null_text = self.text_encoder.encode([""])
+        self.text = self.text_encoder.encode([prompt]).to(self.device, self.dtype)
+        self.null_text = self.text_encoder.encode([""]).to(self.device, self.dtype)
         self.prompt = prompt
 
     @torch.no_grad()
@@ -99,7 +102,8 @@ class Session:
         K = self.block_size
         if noise is None:
             noise = torch.randn((1, K, *self.frame_shape), generator=self.generator)
-        elif tuple(noise.shape) != (1, K, *self.frame_shape):
+        noise = noise.to(self.device, self.dtype)
+        if tuple(noise.shape) != (1, K, *self.frame_shape):
             raise SessionError(f"noise must be {(1, K, *self.frame_shape)}, got {tuple(noise.shape)}")
         first = self.first_sigmas if self.generated == 0 and self.cache.end == 0 else None
         (blk,) = rollout(self.model, noise, self._cond(action, K), sampler=self.sampler, sigmas=self.sigmas,
@@ -120,7 +124,7 @@ class Session:
         if action is not None and not (isinstance(action, int) and 0 <= action < self.num_actions):
             raise SessionError(f"action must be an int in [0, {self.num_actions}), got {action!r}")
         null = self.num_actions
-        acts = torch.full((1, self.cache.end + frames), null, dtype=torch.long)  # earlier frames: not read
+        acts = torch.full((1, self.cache.end + frames), null, dtype=torch.long, device=self.device)  # earlier: unread
         acts[:, -frames:] = null if action is None else action
         return Cond(self.text, acts)
 
@@ -128,7 +132,7 @@ class Session:
         if self.guidance_scale == 1.0:
             return None
         acts = (None if self.num_actions == 0  # indexed by absolute frame, like _cond's (rollout slices both)
-                else torch.full((1, self.cache.end + frames), self.num_actions, dtype=torch.long))
+                else torch.full((1, self.cache.end + frames), self.num_actions, dtype=torch.long, device=self.device))
         return Guidance(self.guidance_scale, Cond(self.null_text, acts))
 
     @property
