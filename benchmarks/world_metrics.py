@@ -70,6 +70,12 @@ def _fmt(v, digits=2):
     return f"{v:.{digits}f}"
 
 
+def readable(ref: dict, key: str) -> bool:
+    """Does the probe read this field from real frames clearly better than a constant guess?"""
+    real, const = ref[key], ref[key + "_const"]
+    return real > const + 0.1 if key.endswith("_acc") else real < 0.75 * const
+
+
 def table(result: dict) -> str:
     fields = result["probe"]["fields"]
     kinds = result["probe"]["kinds"]
@@ -120,6 +126,11 @@ def table(result: dict) -> str:
         f"IDM: {result['idm']['steps']} steps, training loss {result['idm']['final_loss']:.3f}; probe: "
         f"{result['probe']['steps']} steps, training loss {result['probe']['final_loss']:.3f}.",
     ]
+    blind = [f for f, k in zip(fields, probe_keys) if not readable(ref, k)]
+    if blind:
+        notes += ["", f"The probe cannot read {', '.join(blind)} from one real frame (its ceiling is within reach of "
+                      "the best constant guess), so those columns say nothing about the models here. MiniGrid's "
+                      "view is egocentric: absolute position and heading are not visible in a frame."]
     skipped = [f"- {n}: {r['skipped']}" for n, r in result["stages"].items() if "skipped" in r]
     noted = [f"- † {n}: {r['note']}" for n, r in result["stages"].items() if r.get("note")]
     if noted:

@@ -184,3 +184,35 @@ def test_bidirectional_open_loop_keeps_the_context_clean(recordings, one_thread)
     ep = load_episodes(recordings[1])
     out = W.open_loop(model, meta, enc, ep["frames"][:2, :4], ep["actions"][:2, :4], context=2)
     assert out.shape == (2, 2, 3, 16, 16) and torch.isfinite(out).all()
+
+
+def test_benchmark_script_writes_json_and_table(recordings, tmp_path, one_thread):
+    """benchmarks/world_metrics.py on a 2-step tiny recipe: evaluates what exists, marks the bidirectional
+    stage, skips the missing one, writes the ceiling/floor rows."""
+    import importlib.util
+
+    from framecast.pipeline import run_recipe
+
+    from .test_world_data import TINY as tiny
+
+    recipe = tmp_path / "wm.yaml"
+    recipe.write_text(f"name: wm\nbase: {tiny}\nstages:\n  stage0: {{}}\n  stage1: {{}}\n")
+    over = ["data.name=episodes", f"data.path={recordings[0]}", "model.num_actions=4", "train.steps=2",
+            "train.warmup=0", "sample.steps=2"]
+    run_recipe(recipe, over, out_dir=str(tmp_path / "runs"), health_clips=0)
+    path = tiny.parents[1] / "benchmarks" / "world_metrics.py"
+    spec = importlib.util.spec_from_file_location("world_metrics_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "docs" / "wm"
+    assert bench.main(["--runs", str(tmp_path / "runs" / "wm"), "--stages", "stage0", "stage1", "dmd_2step",
+                       "--train", str(recordings[0]), "--eval", str(recordings[1]), "--episodes", "3",
+                       "--loop-starts", "2", "--idm-steps", "20", "--probe-steps", "10", "--out", str(out),
+                       "--no-progress"]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert set(result["stages"]) == {"stage0", "stage1", "dmd_2step"}
+    assert "no checkpoint" in result["stages"]["dmd_2step"]["skipped"]
+    assert result["stages"]["stage0"]["note"] and result["stages"]["stage1"]["note"] is None
+    assert result["stages"]["stage1"]["finished"] and "idm_acc" in result["stages"]["stage1"]["metrics"]
+    md = out.with_suffix(".md").read_text()
+    assert "real frames (ceiling)" in md and "| stage1 | 2 |" in md and "stage0 †" in md and "dmd_2step" in md

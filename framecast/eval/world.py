@@ -13,7 +13,10 @@ frames of a training recording read the generated frames (§4.3, §4.5, §4.6):
   actions shuffled across episodes it is the floor; on generated transitions it says whether the model shows
   the action it was given.
 * state probe: one frame -> the recorded state (MiniGrid x, y, heading; Breakout paddle / ball), so a
-  generated rollout can be compared with the true trajectory in the state's own units.
+  generated rollout can be compared with the true trajectory in the state's own units. Measured on real
+  held-out frames: Breakout paddle_x MAE 0.6 (RAM units) vs 40 for the best constant guess; MiniGrid's
+  egocentric view shows neither absolute position nor heading (x MAE 4.19 vs 4.18 constant, heading 27 % vs
+  25 %), so there the probe is reported but uninformative -- `real_reference` gives both numbers to check.
 * loop closure (MiniGrid): four turns in place return exactly to the start view in the real environment;
   a world model that keeps a consistent world should come back too (Genie-3-style revisit consistency).
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -196,7 +200,9 @@ def _fit(net: nn.Module, loss_fn, batch_fn, *, steps: int, lr: float, seed: int,
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    warm = max(1, steps // 20)  # short warm-up, then cosine decay: stable at batch 128 and lr 2e-3
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     g = torch.Generator().manual_seed(seed)
     losses = []
     net.train()

@@ -147,8 +147,12 @@ def write_pairs(store, teacher, source, *, block_size: int, steps: int, shift: f
     for i in todo:
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        # drawn on the CPU generator (the same pairs on any device), then moved to the teacher's device
         batch = source.batch(store.shard_len(i), g)
-        noise = torch.randn(batch.video.shape, generator=g).to(batch.video)
+        noise = torch.randn(batch.video.shape, generator=g)
+        device = next(teacher.parameters()).device
+        batch = batch.to(device)
+        noise = noise.to(batch.video)
         cfg = Guidance(guidance, batch.null) if guidance != 1.0 else None
         pairs = generate_pairs(teacher, batch.video, batch.cond, noise, block_size=block_size, steps=steps,
                                shift=shift, anchors=anchors, guidance=cfg, mode=mode, teacher_kind=teacher_kind)
