@@ -107,7 +107,8 @@ def table(result: dict) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     s = result["settings"]
     notes = [
-        f"# World-model metrics ({s['eval']}, first {s['episodes']} episodes, context {s['context']}, seed {s['seed']})",
+        f"# World-model metrics ({s['eval']}, first {s['episodes']} episodes, context {s['context']}, "
+        f"seed {s['seed']})",
         "",
         f"Command: `{s['command']}`",
         "",
@@ -164,7 +165,8 @@ def evaluate_stage(path: Path, ep: dict, idm, probe, args) -> dict:
     m = W.world_metrics(model, sampling, text_encoder_for(cfg, sampling), ep, idm, probe, context=args.context,
                         seed=args.seed, episodes=args.episodes, loop_starts=args.loop_starts, **kw)
     return {"checkpoint": str(ckpt.resolve(path)), "step": step, "finished": step == steps, "train_steps": steps,
-            "mode": sampling["mode"], "sampler": sampling["sampler"], "sampling_steps": kw.get("steps", sampling["steps"]),
+            "mode": sampling["mode"], "sampler": sampling["sampler"],
+            "sampling_steps": kw.get("steps", sampling["steps"]),
             "guidance": sampling["guidance"], "note": None if sampling["causal"] else BIDIRECTIONAL_NOTE,
             "seconds": time.perf_counter() - t0, "metrics": m}
 

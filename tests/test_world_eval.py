@@ -41,13 +41,16 @@ def idm(recordings, tmp_path_factory, one_thread):
 def test_idm_reads_real_actions_far_above_the_shuffled_floor(recordings, idm, one_thread):
     ref = W.real_reference(recordings[1], idm)
     # turns rotate the view and forward shifts it: distinct even for a 300-step IDM; the floor is what agreeing
-    # with the action statistics by chance gives (~0.37 with half the actions forward); measured 0.79-0.81 vs
-    # 0.37-0.38 over three seeds, an untrained IDM 0.18 vs 0.18
+    # with the action statistics by chance gives (~0.37 with half the actions forward); measured 0.79-0.82 vs
+    # 0.37-0.40 over three seeds, an untrained IDM 0.18 vs 0.18
     assert ref["idm_acc"] > 0.65 and ref["idm_acc"] > ref["idm_acc_shuffled"] + 0.25, ref
     ep = load_episodes(recordings[1])
     video = W.to_video(ep["frames"])
     pred = W.idm_predict(idm, video, start=3)
     assert pred.shape == (16, 5) and int(pred.max()) < 4  # never the null action
+    cm = torch.tensor(ref["idm_confusion"])
+    assert cm.shape == (4, 4) and int(cm.sum()) == 16 * 7
+    assert float(cm.diag().sum() / cm.sum()) == pytest.approx(ref["idm_acc"])
     assert W.idm_accuracy(idm, video, ep["actions"], start=3) == pytest.approx(
         float((pred == ep["actions"][:, 3:]).float().mean()))
     with pytest.raises(ValueError, match=r"\[B, 6, H, W\]"):
@@ -155,8 +158,8 @@ def test_world_metrics_keys_and_an_action_blind_model(recordings, idm, tmp_path,
     model, meta, enc = _tiny(recordings)
     m = W.world_metrics(model, meta, enc, ep, idm, probe, episodes=4, loop_starts=2)
     keys = {"psnr", "psnr_shuffled", "delta_psnr", "ssim", "ssim_shuffled", "psnr_by_horizon", "idm_acc",
-            "idm_acc_shuffled", "idm_acc_followed_shuffled", "idm_acc_by_horizon", "probe_x_mae", "probe_y_mae",
-            "probe_heading_acc", "probe_x_mae_shuffled", "probe_heading_acc_shuffled", "loop"}
+            "idm_acc_shuffled", "idm_acc_followed_shuffled", "idm_acc_by_horizon", "idm_confusion", "probe_x_mae",
+            "probe_y_mae", "probe_heading_acc", "probe_x_mae_shuffled", "probe_heading_acc_shuffled", "loop"}
     assert keys <= set(m), keys - set(m)
     assert len(m["psnr_by_horizon"]) == 3 and len(m["idm_acc_by_horizon"]) == 3 and m["episodes"] == 4
     assert m["delta_psnr"] == pytest.approx(m["psnr"] - m["psnr_shuffled"]) and m["delta_psnr"] != 0
