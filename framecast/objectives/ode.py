@@ -56,7 +56,8 @@ def _packed(teacher, noise: Tensor, cond: Cond, sig: Tensor, idx: list[int], gui
     for n in range(len(sig) - 1):
         if n in idx:
             keep[n] = x
-        s, s_next = torch.full((B, F), float(sig[n])), torch.full((B, F), float(sig[n + 1]))
+        s = torch.full((B, F), float(sig[n]), device=x.device)  # [B, F]: per-frame sigma on the model's device
+        s_next = torch.full((B, F), float(sig[n + 1]), device=x.device)
         v = teacher.velocity(x, s, cond, guidance=guidance, **kw)
         x = flow.euler_step(x, v, s, s_next)
     return torch.stack([keep[i] for i in idx], dim=1), x
