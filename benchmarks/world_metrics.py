@@ -12,8 +12,9 @@ actions, the probe on real frames / its best constant guess.
 
 The IDM and probe are trained once and cached under --cache (default <runs>/eval_cache). Writes
 <out>.json (everything, per-horizon curves included) and <out>.md (the table), after every stage, so a
-cut-off run keeps what it finished. Stages without a checkpoint are skipped with a message; a stage whose
-newest checkpoint is not its last step is evaluated and marked unfinished.
+cut-off run keeps what it finished; stages already in <out>.json from a run with the same settings and not
+named again are kept, so later stages can be added as they finish. Stages without a checkpoint are skipped
+with a message; a stage whose newest checkpoint is not its last step is evaluated and marked unfinished.
 
 stage0 is bidirectional: trained with one noise level for the whole clip, it never saw a clean frame next
 to noisy ones. pipeline.sample still gives it clean context frames (committed to the KV cache, the clip
@@ -147,6 +148,27 @@ def write(result: dict, out: Path) -> None:
     out.with_suffix(".md").write_text(table(result))
 
 
+SAME = ("runs", "train", "eval", "episodes", "context", "seed", "loop_starts", "steps", "idm_steps", "probe_steps")
+
+
+def kept(out: Path, args) -> dict:
+    """Stages of an earlier <out>.json made with the same settings and not named again: evaluating the stages
+    that finished since then adds them to the table instead of replacing it."""
+    path = out.with_suffix(".json")
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    if any(old.get("settings", {}).get(k) != getattr(args, k) for k in SAME):
+        return {}
+    stages = {k: v for k, v in old.get("stages", {}).items() if k not in args.stages and "skipped" not in v}
+    if stages:
+        print(f"keeping {', '.join(stages)} from {path} (same settings)", flush=True)
+    return stages
+
+
 def evaluate_stage(path: Path, ep: dict, idm, probe, args) -> dict:
     if not (path / "ckpt" / "latest").is_file():
         return {"skipped": f"no checkpoint under {path}/ckpt"}
@@ -187,7 +209,7 @@ def main(argv=None) -> int:
     result = {"settings": {**vars(args), "command": " ".join(["python", *sys.argv])},
               "idm": {k: idm_info[k] for k in ("steps", "seed", "final_loss")},
               "probe": {k: probe_info[k] for k in ("steps", "seed", "final_loss", "fields", "kinds", "classes")},
-              "reference": ref, "stages": {}}
+              "reference": ref, "stages": kept(out, args)}
     write(result, out)
     for name in args.stages:
         r = evaluate_stage(runs / name, ep, idm, probe, args)

@@ -208,10 +208,10 @@ def test_benchmark_script_writes_json_and_table(recordings, tmp_path, one_thread
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "docs" / "wm"
-    assert bench.main(["--runs", str(tmp_path / "runs" / "wm"), "--stages", "stage0", "stage1", "dmd_2step",
-                       "--train", str(recordings[0]), "--eval", str(recordings[1]), "--episodes", "3",
-                       "--loop-starts", "2", "--idm-steps", "20", "--probe-steps", "10", "--out", str(out),
-                       "--no-progress"]) == 0
+    argv = ["--runs", str(tmp_path / "runs" / "wm"), "--stages", "stage0", "stage1", "dmd_2step",
+            "--train", str(recordings[0]), "--eval", str(recordings[1]), "--episodes", "3", "--loop-starts", "2",
+            "--idm-steps", "20", "--probe-steps", "10", "--out", str(out), "--no-progress"]
+    assert bench.main(argv) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     assert set(result["stages"]) == {"stage0", "stage1", "dmd_2step"}
     assert "no checkpoint" in result["stages"]["dmd_2step"]["skipped"]
@@ -219,3 +219,7 @@ def test_benchmark_script_writes_json_and_table(recordings, tmp_path, one_thread
     assert result["stages"]["stage1"]["finished"] and "idm_acc" in result["stages"]["stage1"]["metrics"]
     md = out.with_suffix(".md").read_text()
     assert "real frames (ceiling)" in md and "| stage1 | 2 |" in md and "stage0 †" in md and "dmd_2step" in md
+    # a later run of one stage with the same settings keeps the others in the table
+    assert bench.main([*argv[:3], "stage1", *argv[6:]]) == 0
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert set(again["stages"]) == {"stage0", "stage1"} and again["stages"]["stage0"] == result["stages"]["stage0"]
