@@ -111,7 +111,7 @@ def table(result: dict) -> str:
         f"# World-model metrics ({s['eval']}, first {s['episodes']} episodes, context {s['context']}, "
         f"seed {s['seed']})",
         "",
-        f"Command: `{s['command']}`",
+        f"Command (latest run; each stage's own is in the JSON): `{s['command']}`",
         "",
         "\n".join(lines),
         "",
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
               "reference": ref, "stages": kept(out, args)}
     write(result, out)
     for name in args.stages:
-        r = evaluate_stage(runs / name, ep, idm, probe, args)
+        r = {**evaluate_stage(runs / name, ep, idm, probe, args), "command": result["settings"]["command"]}
         result["stages"][name] = r
         if "skipped" in r:
             print(f"== {name}: skipped ({r['skipped']})", flush=True)
