@@ -56,8 +56,16 @@ def main(argv=None) -> int:
         world = load_world(args.ckpt, start=args.start, fps=8.0, max_sessions=1)
         with Server(world) as server:
             played = drive(server.url, frames=args.gif_frames, script=GIF_SCRIPT, chromium=exe, record_every=1)
-        frames = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).convert("RGB") for u in played["canvas"]]
-        frames = [f.resize((f.width * 6, f.height * 6), Image.NEAREST) for f in frames]
+        from PIL import ImageDraw
+
+        frames = []
+        for url, action in played["canvas"]:  # the frame as the page drew it, captioned with the key it answers
+            f = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+            f = f.resize((f.width * 6, f.height * 6), Image.NEAREST)
+            out = Image.new("RGB", (f.width, f.height + 18), (0, 0, 0))
+            out.paste(f, (0, 18))
+            ImageDraw.Draw(out).text((4, 3), f"key: {action}", fill=(255, 255, 255))
+            frames.append(out)
         Path(args.gif).parent.mkdir(parents=True, exist_ok=True)
         frames[0].save(args.gif, save_all=True, append_images=frames[1:], duration=150, loop=0)
         result["gif"] = {"path": args.gif, "frames": len(frames), "script": GIF_SCRIPT}

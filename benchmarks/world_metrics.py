@@ -54,6 +54,8 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loop-starts", type=int, default=32, help="start frames for loop closure (0: skip)")
     p.add_argument("--steps", type=int, default=None, help="override the sampling steps of multi-step stages")
+    p.add_argument("--window", type=int, default=-1, help="KV-cache frames of causal stages (-1: the training clip "
+                   "length, as framecast play streams; 0: unbounded)")
     p.add_argument("--cache", default=None, help="IDM / probe cache (default <runs>/eval_cache)")
     p.add_argument("--idm-steps", type=int, default=1500)
     p.add_argument("--probe-steps", type=int, default=2000)
@@ -148,7 +150,8 @@ def write(result: dict, out: Path) -> None:
     out.with_suffix(".md").write_text(table(result))
 
 
-SAME = ("runs", "train", "eval", "episodes", "context", "seed", "loop_starts", "steps", "idm_steps", "probe_steps")
+SAME = ("runs", "train", "eval", "episodes", "context", "seed", "loop_starts", "steps", "window", "idm_steps",
+        "probe_steps")
 
 
 def kept(out: Path, args) -> dict:
@@ -183,12 +186,15 @@ def evaluate_stage(path: Path, ep: dict, idm, probe, args) -> dict:
                            f"{list(ep['frames'].shape[2:])}"}
     step, steps = meta.get("step"), cfg.train.steps
     kw = {"steps": args.steps} if args.steps and not sampling.get("few_step") else {}
+    if sampling["causal"]:  # stream as play does: a rolling cache of the training clip length (relative offsets
+        # beyond it were never trained; research/world_model.md §4 long-horizon drift)
+        kw["window"] = sampling["num_frames"] if args.window < 0 else args.window
     t0 = time.perf_counter()
     m = W.world_metrics(model, sampling, text_encoder_for(cfg, sampling), ep, idm, probe, context=args.context,
                         seed=args.seed, episodes=args.episodes, loop_starts=args.loop_starts, **kw)
     return {"checkpoint": str(ckpt.resolve(path)), "step": step, "finished": step == steps, "train_steps": steps,
             "mode": sampling["mode"], "sampler": sampling["sampler"],
-            "sampling_steps": kw.get("steps", sampling["steps"]),
+            "sampling_steps": kw.get("steps", sampling["steps"]), "window": kw.get("window"),
             "guidance": sampling["guidance"], "note": None if sampling["causal"] else BIDIRECTIONAL_NOTE,
             "seconds": time.perf_counter() - t0, "metrics": m}
 

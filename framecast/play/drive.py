@@ -67,7 +67,8 @@ def drive(url: str, *, frames: int = 200, script: list[tuple[str, int]] | None =
           screenshot: str | None = None, timeout_s: float = 300.0, record_every: int = 0) -> dict:
     """Open the page, wait for `frames` generated frames while playing `script` [(key, frames to hold), ...] in a
     loop (key "" = hold nothing), and return what the page measured. With `record_every` > 0 the canvas is
-    read back every that many frames into `report["canvas"]` (a list of PNG data URLs) for a gif."""
+    read back every that many frames into `report["canvas"]` (a list of [PNG data URL, the frame's action]) for
+    a gif."""
     from playwright.sync_api import sync_playwright
 
     exe = chromium or find_chromium()
@@ -98,7 +99,8 @@ def drive(url: str, *, frames: int = 200, script: list[tuple[str, int]] | None =
                     page.wait_for_function(f"window.framecast.generated >= {nxt}",
                                            timeout=max(1.0, t_end - time.time()) * 1e3)
                     if record_every:
-                        canvas.append(page.evaluate("document.getElementById('screen').toDataURL('image/png')"))
+                        canvas.append(page.evaluate("[document.getElementById('screen').toDataURL('image/png'), "
+                                                    "window.framecast.header.action]"))  # [png data URL, action]
                     n = nxt
                     if n >= target:
                         break
