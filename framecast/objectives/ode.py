@@ -151,8 +151,8 @@ def write_pairs(store, teacher, source, *, block_size: int, steps: int, shift: f
         # drawn on the CPU generator (the same pairs on any device), then moved to the teacher's device
         batch = source.batch(store.shard_len(i), g)
         noise = torch.randn(batch.video.shape, generator=g)
-        device = next(teacher.parameters()).device
-        batch = batch.to(device)
+        params = getattr(teacher, "parameters", None)  # analytic test teachers have none: they stay on the CPU
+        batch = batch.to(next(params()).device) if params is not None else batch
         noise = noise.to(batch.video)
         cfg = Guidance(guidance, batch.null) if guidance != 1.0 else None
         pairs = generate_pairs(teacher, batch.video, batch.cond, noise, block_size=block_size, steps=steps,
