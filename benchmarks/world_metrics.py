@@ -84,14 +84,19 @@ def table(result: dict) -> str:
     kinds = result["probe"]["kinds"]
     probe_keys = [f"probe_{f}_{'acc' if k == 'class' else 'mae'}" for f, k in zip(fields, kinds)]
     probe_heads = [f"{f} {'acc' if k == 'class' else 'MAE'}" for f, k in zip(fields, kinds)]
-    head = (["stage", "step", "PSNR", "PSNR shuf", "ΔPSNR", "PSNR h=1", "PSNR h=last", "SSIM", "IDM acc",
-             "IDM acc shuf", "IDM follows shuf"] + probe_heads + ["loop 4 turns", "2 turns", "stay x4", "eval s"])
-    rows = []
     ref = result["reference"]
+    layout = "layout_acc_frozen" in ref  # MiniGrid: the colour-rule layout probe
+    lay_heads = ["layout acc", "ahead MAE"] if layout else []
+    head = (["stage", "step", "PSNR", "PSNR shuf", "ΔPSNR", "PSNR h=1", "PSNR h=last", "SSIM", "IDM acc",
+             "IDM acc shuf", "IDM follows shuf"] + lay_heads + probe_heads + ["loop 4 turns", "2 turns", "stay x4",
+                                                                             "eval s"])
+    rows = []
     rows.append(["real frames (ceiling)", "", "∞", "", "", "", "", "1.00", _fmt(ref["idm_acc"], 3), "", ""]
-                + [_fmt(ref[k]) for k in probe_keys] + ["∞", "", "∞", ""])
-    rows.append(["floor (shuffled actions / constant)", "", "", "", "0", "", "", "", _fmt(ref["idm_acc_shuffled"], 3),
-                 "", ""] + [_fmt(ref[k + "_const"]) for k in probe_keys] + ["", "", "", ""])
+                + (["1.00", "0"] if layout else []) + [_fmt(ref[k]) for k in probe_keys] + ["∞", "", "∞", ""])
+    rows.append(["floor (shuffled actions / constant / frozen world)", "", "", "", "0", "", "", "",
+                 _fmt(ref["idm_acc_shuffled"], 3), "", ""]
+                + ([_fmt(ref["layout_acc_frozen"], 3), _fmt(ref["ahead_mae_frozen"])] if layout else [])
+                + [_fmt(ref[k + "_const"]) for k in probe_keys] + ["", "", "", ""])
     for name, r in result["stages"].items():
         if "skipped" in r:
             continue
@@ -103,6 +108,8 @@ def table(result: dict) -> str:
                      _fmt(m["psnr_by_horizon"][0]), _fmt(m["psnr_by_horizon"][-1]), _fmt(m["ssim"], 3),
                      _fmt(m.get("idm_acc"), 3), _fmt(m.get("idm_acc_shuffled"), 3),
                      _fmt(m.get("idm_acc_followed_shuffled"), 3)]
+                    + ([f"{_fmt(m.get(k), 3)} / {_fmt(m.get(k + '_shuffled'), 3)}" for k in ("layout_acc", "ahead_mae")]
+                       if layout else [])
                     + [f"{_fmt(m.get(k))} / {_fmt(m.get(k + '_shuffled'))}" for k in probe_keys]
                     + [_fmt(loop.get("loop_psnr")), _fmt(loop.get("half_turn_psnr")), _fmt(loop.get("stay_psnr")),
                        f"{r['seconds']:.0f}"])
@@ -123,7 +130,10 @@ def table(result: dict) -> str:
         f"{s['train']}) on generated transitions vs the recorded actions; 'shuf' reads the shuffled-action rollout "
         "against the recorded actions (equal to IDM acc for a model that ignores actions); 'follows shuf' against "
         "the shuffled actions it was given. Probe columns: model / shuffled-action rollout, vs the recorded state "
-        "(accuracy for class fields, mean absolute error in the field's units otherwise). Loop closure (MiniGrid): "
+        "(accuracy for class fields, mean absolute error in the field's units otherwise). Layout (MiniGrid, a "
+        "colour rule): the 7x7 cells of the view read as unseen / floor / wall, generated vs recorded (cell "
+        "accuracy) and the error in free cells straight ahead, model / shuffled-action rollout; its floor is a "
+        "world that never moves (the context frame held still). Loop closure (MiniGrid): "
         "PSNR to the start view after 4 turns (the same view in the real world), after 2 turns (the opposite "
         "view: the scale of a different view) and after 4 stays.",
         "",

@@ -223,3 +223,25 @@ def test_benchmark_script_writes_json_and_table(recordings, tmp_path, one_thread
     assert bench.main([*argv[:3], "stage1", *argv[6:]]) == 0
     again = json.loads(out.with_suffix(".json").read_text())
     assert set(again["stages"]) == {"stage0", "stage1"} and again["stages"]["stage0"] == result["stages"]["stage0"]
+
+
+def test_minigrid_layout_rule_reads_the_true_state_from_pixels(tmp_path):
+    """The colour-rule layout probe agrees with the environment: `forward` fails exactly when the rule sees no
+    free cell ahead, and a successful `forward` brings the wall ahead one cell closer (or keeps it out of view)."""
+    d = load_episodes(record("minigrid", tmp_path, episodes=12, frames=24, seed=5, progress=False).parent)
+    lay = W.minigrid_layout(W.to_video(d["frames"]), tile=4, size=32)  # [E, F, 7, 7]
+    assert lay.shape == (12, 24, 7, 7) and set(lay.unique().tolist()) <= {0, 1, 2}
+    ahead = W.free_ahead(lay)  # [E, F]
+    st, fwd = d["state"], d["actions"][:, 1:] == 2
+    moved = (st[:, 1:, :2] != st[:, :-1, :2]).any(-1)
+    assert (fwd & ~moved).any() and (fwd & moved).any()
+    assert (ahead[:, :-1][fwd & ~moved] == 0).all() and (ahead[:, :-1][fwd & moved] > 0).all()
+    closer = (ahead[:, 1:] == ahead[:, :-1] - 1) | (ahead[:, :-1] == 6)
+    assert closer[fwd & moved].all()
+    real = W.to_video(d["frames"][:, 1:])
+    same = W.layout_scores(real, real, d["manifest"])
+    assert same == {"layout_acc": 1.0, "ahead_mae": 0.0}
+    frozen = W.layout_scores(W.to_video(d["frames"][:, :1]).expand_as(real), real, d["manifest"], "_x")
+    assert frozen["layout_acc_x"] < 0.9 and frozen["ahead_mae_x"] > 0  # the world does move
+    with pytest.raises(ValueError, match="do not hold"):
+        W.minigrid_layout(real, tile=8, size=32)

@@ -18,6 +18,9 @@ frames of a training recording read the generated frames (§4.3, §4.5, §4.6):
   best constant guess; MiniGrid's egocentric view shows neither absolute position nor heading (x MAE 4.19
   vs 4.18 constant, heading 27.5 % vs 24.7 %), so there the probe is reported but uninformative --
   `real_reference` gives both numbers, and the benchmark says so when they are close.
+* layout (MiniGrid, a colour rule, nothing learned): the 7x7 cells of the egocentric view as unseen / floor /
+  wall, and the free cells straight ahead -- the agent's local state, visible in one frame. Generated vs
+  recorded layout under the recorded actions, under shuffled ones, and for a world that never moves.
 * loop closure (MiniGrid): four turns in place return exactly to the start view in the real environment;
   a world model that keeps a consistent world should come back too (Genie-3-style revisit consistency).
 
@@ -418,12 +421,61 @@ def real_reference(eval_episodes, idm: InverseDynamics, probe: StateProbe | None
     out = {"idm_acc": float((pred == rec).float().mean()),
            "idm_acc_shuffled": float((pred == shuffle_actions(actions, context)[:, context:]).float().mean()),
            "idm_confusion": confusion(pred, rec, idm.num_actions)}
+    if manifest.get("env") == "minigrid":  # a world that never moves: the last context frame held still
+        frozen = video[:, context - 1:context].expand_as(video[:, context:])
+        out.update(layout_scores(frozen, video[:, context:], manifest, "_frozen"))
     if probe is not None:
         target = state[:, context:]  # [E, F-context, S]
         out.update(probe_scores(probe, probe_predict(probe, video[:, context:]), target))
         const = probe.baseline.expand_as(target)
         out.update(probe_scores(probe, const, target, "_const"))
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# MiniGrid's egocentric layout, read from pixels by a colour rule (no learned net)
+# ------------------------------------------------------------------------------------------------
+
+# Mean brightness of a cell of MiniGrid's egocentric view (the visible-cell highlight included), measured on
+# recorded frames: unseen cells are black, floor 76, wall 146 (the agent's cell reads as floor, the goal as
+# wall). The view is the agent's local state -- what is around and ahead of it -- which, unlike x, y and
+# heading, is visible in one frame (research/world_model.md §4.5: "wall layout (egocentric)").
+LAYOUT_CLASSES = ("unseen", "floor", "wall")
+LAYOUT_LEVELS = (0.0, 76.0, 146.0)
+VIEW_CELLS = 7  # MiniGrid's default agent_view_size
+
+
+def minigrid_layout(video: Tensor, *, tile: int, size: int, cells: int = VIEW_CELLS) -> Tensor:
+    """Frames [..., 3, H, W] in [-1, 1] -> cell classes [..., cells, cells] (LAYOUT_CLASSES), the agent at the
+    bottom-middle cell looking up. `tile` and `size` are the recording's (its manifest)."""
+    view = cells * tile
+    off = (size - view) // 2  # framecast record pads the view to size x size, centred
+    if off < 0 or tuple(video.shape[-2:]) != (size, size):
+        raise ValueError(f"frames of {tuple(video.shape[-2:])} px do not hold a {cells}x{cells}-cell view at tile "
+                         f"{tile} padded to {size}")
+    x = (video.float().clamp(-1, 1) + 1) * 127.5
+    x = x[..., off:off + view, off:off + view].mean(-3)  # [..., view, view] brightness
+    cell = x.unflatten(-2, (cells, tile)).unflatten(-1, (cells, tile)).mean((-3, -1))  # [..., cells, cells]
+    levels = torch.tensor(LAYOUT_LEVELS)
+    return (cell[..., None] - levels).abs().argmin(-1)
+
+
+def free_ahead(layout: Tensor) -> Tensor:
+    """Floor cells straight ahead of the agent before the first non-floor cell: [..., cells, cells] -> [...]
+    (0: facing a wall -- `forward` cannot move)."""
+    cells = layout.shape[-1]
+    column = layout[..., : cells - 1, cells // 2].flip(-1)  # [..., cells-1]: from the agent's cell upward
+    blocked = column != LAYOUT_CLASSES.index("floor")
+    first = blocked.float().argmax(-1)  # index of the first non-floor cell
+    return torch.where(blocked.any(-1), first, torch.full_like(first, cells - 1))
+
+
+def layout_scores(pred: Tensor, target: Tensor, manifest: dict, suffix: str = "") -> dict[str, float]:
+    """Cell accuracy of the generated layout vs the recorded one, and the error of the free cells ahead."""
+    kw = dict(tile=int(manifest["tile"]), size=int(manifest["size"]))
+    lp, lt = minigrid_layout(pred, **kw), minigrid_layout(target, **kw)  # [..., 7, 7]
+    return {f"layout_acc{suffix}": float((lp == lt).float().mean()),
+            f"ahead_mae{suffix}": float((free_ahead(lp) - free_ahead(lt)).abs().float().mean())}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -504,6 +556,9 @@ def world_metrics(model, meta: dict, text_encoder, eval_episodes, idm: InverseDy
                    idm_acc_followed_shuffled=float((pred_s == shuffled[:, context:]).float().mean()),
                    idm_acc_by_horizon=(pred == rec).float().mean(0).tolist(),
                    idm_confusion=confusion(pred, rec, idm.num_actions))
+    if manifest.get("env") == "minigrid":
+        out.update(layout_scores(gen, target, manifest))
+        out.update(layout_scores(gen_s, target, manifest, "_shuffled"))
     if probe is not None:
         truth = state[:, context:]  # [E, F-context, S]
         out.update(probe_scores(probe, probe_predict(probe, gen), truth))
