@@ -97,7 +97,7 @@ def _play(args: argparse.Namespace) -> None:
     from .play import serve
 
     serve(args.ckpt, host=args.host, port=args.port, threads=args.threads, start=args.start, window=args.window,
-          env=args.env, fps=args.fps, max_sessions=args.max_sessions, max_frames=args.max_frames)
+          env=args.env, fps=args.fps, max_sessions=args.max_sessions, max_frames=args.max_frames, device=args.device)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                    "recording's manifest)")
     y.add_argument("--max-sessions", type=int, default=2, help="concurrent players; the next one is refused")
     y.add_argument("--max-frames", type=int, default=0, help="frames per session before a reset is needed (0: none)")
-    y.add_argument("--threads", type=int, default=0, help="torch threads")
+    y.add_argument("--threads", type=int, default=0, help="torch threads (1 is fastest on a 2-core machine that also "
+                   "runs the browser: docs/world_model.md)")
+    y.add_argument("--device", default="cpu", help="cpu or cuda")
     y.set_defaults(fn=_play)
 
     b = sub.add_parser("bench", help="train (or reuse) and evaluate every method of a benchmark; writes a table + gif")

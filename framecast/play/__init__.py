@@ -96,13 +96,13 @@ class World:
 
 
 def load_world(ckpt: str | Path, *, start: str | Path | None = None, window: int | None = None, env: str | None = None,
-               **kw) -> World:
+               device: str = "cpu", **kw) -> World:
     """A World from a checkpoint. Action names come from the recording it was trained on (its manifest), or
     from `env`; start frames from the recording `start` (frame 0 of each episode), else the training one."""
     from ..data.envs import ENVS, RecordError, load_episodes
     from ..pipeline import load_model, text_encoder_for
 
-    model, meta, cfg = load_model(ckpt)
+    model, meta, cfg = load_model(ckpt, device=device)
     sm = meta["sampling"]
     if not sm.get("causal"):
         raise SessionError(f"{ckpt} is a bidirectional model; play needs a causal (AR) student or teacher")
@@ -119,7 +119,7 @@ def load_world(ckpt: str | Path, *, start: str | Path | None = None, window: int
                 raise
             print(f"framecast play: no start frames ({e}); the model draws its own first frame")
         else:
-            manifest, frames = ep["manifest"], ep["frames"][:, 0].float() / 127.5 - 1  # [N, C, H, W]
+            manifest, frames = ep["manifest"], ep["frames"][:, 0].float() / 127.5 - 1  # [N, C, H, W] (CPU)
             if tuple(frames.shape[1:]) != tuple(sm["frame_shape"]):
                 raise SessionError(f"start frames in {src} are {tuple(frames.shape[1:])}; the model makes "
                                    f"{tuple(sm['frame_shape'])}")

@@ -61,10 +61,10 @@ class Session:
         self.cache = None
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, **kw) -> Session:
+    def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", **kw) -> Session:
         from ..pipeline import load_model, text_encoder_for
 
-        model, meta, cfg = load_model(path)
+        model, meta, cfg = load_model(path, device=device)
         sm = meta["sampling"]
         enc = text_encoder_for(cfg, sm)
         return cls(model, sm, text_encoder=enc, **kw)
