@@ -63,9 +63,8 @@ def student_world(**kw):
     enc = build_text_encoder(meta["text_encoder"], cfg.model.text_dim, meta["text_tokens"], 0)
     spec = ENVS["minigrid"]
     starts = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1  # [N, C, H, W]
-    keys = {k: a for k, a in zip(spec.keys, spec.actions) if k}
     defaults = dict(window=4, fps=0.0, max_sessions=2)
-    return World(model, meta, enc, list(spec.actions), keys, spec.actions.index("stay"), starts, **(defaults | kw))
+    return World(model, meta, enc, list(spec.actions), spec.key_map, starts, **(defaults | kw))
 
 
 @pytest.fixture(scope="session")

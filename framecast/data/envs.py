@@ -47,6 +47,11 @@ class EnvSpec:
     state_fields: tuple[str, ...]
     size: int                     # default frame size
 
+    @property
+    def key_map(self) -> dict[str, str]:
+        """Browser key -> action name, for the actions that have a key (`stay` is no key held)."""
+        return {k: a for k, a in zip(self.keys, self.actions) if k}
+
 
 ENVS = {
     "minigrid": EnvSpec("MiniGrid-FourRooms-v0", ("left", "right", "forward", "stay"), (0, 1, 2, 6),
@@ -54,7 +59,6 @@ ENVS = {
     "breakout": EnvSpec("ALE/Breakout-v5", ("stay", "fire", "right", "left"), (0, 1, 2, 3),
                         ("", " ", "ArrowRight", "ArrowLeft"), ("paddle_x", "ball_x", "ball_y"), 64),
 }
-STAY = {name: spec.actions.index("stay") for name, spec in ENVS.items()}
 
 
 def _make_env(name: str, tile: int):
@@ -111,7 +115,8 @@ def _view(name: str, obs: Any, size: int) -> np.ndarray:
     return np.asarray(img).transpose(2, 0, 1).copy()
 
 
-def record_episode(env, seed: int, episode: int, frames: int, size: int, name: str = "minigrid") -> dict[str, np.ndarray]:
+def record_episode(env, seed: int, episode: int, frames: int, size: int,
+                   name: str = "minigrid") -> dict[str, np.ndarray]:
     spec = ENVS[name]
     rng = np.random.default_rng([seed, episode])
     env_seed = int(np.random.SeedSequence([seed, episode]).generate_state(1)[0])
@@ -148,8 +153,8 @@ def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: 
     out.mkdir(parents=True, exist_ok=True)
     spec = ENVS[env_name]
     manifest = {"env": env_name, "env_id": spec.env_id, "actions": list(spec.actions),
-                "null_action": len(spec.actions), "state_fields": list(spec.state_fields), "episodes": episodes, "frames": frames, "seed": seed,
-                "tile": tile, "size": size, "shard_size": shard_size}
+                "null_action": len(spec.actions), "state_fields": list(spec.state_fields), "episodes": episodes,
+                "frames": frames, "seed": seed, "tile": tile, "size": size, "shard_size": shard_size}
     path = out / "manifest.json"
     if path.exists():
         old = json.loads(path.read_text())
@@ -167,7 +172,8 @@ def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: 
     for i in todo:
         eps = range(i * shard_size, min((i + 1) * shard_size, episodes))
         rec = [record_episode(env, seed, e, frames, size, env_name) for e in eps]
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(np.stack([r[k] for r in rec]))) for k in ("frames", "actions", "state")}
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(np.stack([r[k] for r in rec])))
+                   for k in ("frames", "actions", "state")}
         tmp = out / f"shard_{i:05d}.tmp"
         save_file(tensors, str(tmp))
         tmp.replace(out / f"shard_{i:05d}.safetensors")  # atomic: a cut-off run never leaves half a shard

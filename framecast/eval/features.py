@@ -10,12 +10,9 @@ frozen or noisy clips (tests/test_eval_toy.py). The encoder is deterministic per
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -86,25 +83,17 @@ def train_encoder(num_frames: int, height: int, width: int, *, seed: int = 10_00
 def load_or_train_encoder(cache_dir: str | Path, num_frames: int, height: int, width: int, *, seed: int = 10_000,
                           steps: int = 300, progress: bool = True) -> tuple[ToyVideoEncoder, dict]:
     """The encoder for these clip shapes, trained once and cached under `cache_dir` (keyed by its settings)."""
+    from .cache import load_or_train
+
     key = dict(num_frames=num_frames, height=height, width=width, seed=seed, steps=steps)
-    tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    path = Path(cache_dir) / f"toy_encoder_{tag}.safetensors"
-    if path.exists():
-        enc = ToyVideoEncoder()
-        try:
-            state = load_file(str(path))
-            meta = json.loads(path.with_suffix(".json").read_text())
-            enc.load_state_dict(state)
-        except Exception as e:  # corrupt cache: say which file, retrain into a new name below
-            raise RuntimeError(f"cached toy encoder {path} is unreadable ({e}); delete it to retrain") from e
-        return enc.eval(), meta["accuracy"]
-    enc, acc = train_encoder(num_frames, height, width, seed=seed, steps=steps, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(enc.state_dict(), str(tmp))
-    path.with_suffix(".json").write_text(json.dumps({**key, "accuracy": acc}, indent=1))
-    tmp.replace(path)
-    return enc, acc
+
+    def train():
+        enc, acc = train_encoder(num_frames, height, width, seed=seed, steps=steps, progress=progress)
+        return enc, {"accuracy": acc}
+
+    enc, info = load_or_train(cache_dir, "toy_encoder", key, lambda info: ToyVideoEncoder(), train,
+                              what="toy encoder")
+    return enc, info["accuracy"]
 
 
 @torch.no_grad()

@@ -30,7 +30,6 @@ recording's manifest and their settings (as eval/features.py caches its encoder)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -284,10 +283,9 @@ def train_probe(episodes, *, steps: int = 2000, seed: int = 0, batch_size: int =
 
 
 def _cached(kind: str, train_root: str | Path, cache_dir: str | Path, settings: dict, build, train):
-    """Load `kind` from the cache or train and store it: safetensors weights + a JSON of what made them."""
-    from safetensors.torch import load_file, save_file
-
+    """`kind` trained on the recording `train_root`, cached under a key of its manifest and `settings`."""
     from ..data.envs import load_episodes
+    from .cache import load_or_train
 
     root = Path(train_root)
     try:
@@ -296,24 +294,7 @@ def _cached(kind: str, train_root: str | Path, cache_dir: str | Path, settings: 
         raise FileNotFoundError(f"the {kind} trains on a recording; {root} has no readable manifest.json "
                                 f"({e})") from None
     key = {"kind": kind, "version": 1, "manifest": manifest, **settings}
-    tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    path = Path(cache_dir) / f"{kind}_{tag}.safetensors"
-    if path.exists():
-        try:
-            info = json.loads(path.with_suffix(".json").read_text())
-            net = build(info)
-            net.load_state_dict(load_file(str(path)))
-        except Exception as e:  # corrupt cache: name the file, never silently retrain over it
-            raise RuntimeError(f"cached {kind} {path} is unreadable ({e}); delete it to retrain") from e
-        return net.eval(), info
-    net, stats = train(load_episodes(root))
-    info = {**key, **stats}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    path.with_suffix(".json").write_text(json.dumps(info, indent=1))
-    tmp.replace(path)  # the weights appear last and atomically: a cut-off run leaves no usable half file
-    return net, info
+    return load_or_train(cache_dir, kind, key, build, lambda: train(load_episodes(root)))
 
 
 def load_or_train_idm(train_root: str | Path, cache_dir: str | Path, *, steps: int = 1500, seed: int = 0,

@@ -78,13 +78,17 @@ class World:
     text_encoder: Any
     actions: list[str]                  # names of action ids 0..n-1 (empty for text-only models)
     keys: dict[str, str]                # browser key -> action name
-    idle: int | None                    # action when no key is held: "stay" if the model has it, else null
     start_frames: torch.Tensor | None   # [N, C, H, W] in [-1, 1], clean first frames for reset (None: generate)
     window: int
     fps: float = 30.0                   # frame-rate cap (0: as fast as the model goes)
     max_sessions: int = 2
     max_frames: int = 0                 # a session's frame limit (0: unbounded)
     active: set = field(default_factory=set)
+
+    @property
+    def idle(self) -> int | None:
+        """The action when no key is held: "stay" where the model has it, else the null action (None)."""
+        return self.actions.index("stay") if "stay" in self.actions else None
 
     def session(self, seed: int) -> Session:
         return Session(self.model, self.meta, text_encoder=self.text_encoder, window=self.window, seed=seed)
@@ -123,19 +127,19 @@ def load_world(ckpt: str | Path, *, start: str | Path | None = None, window: int
             if tuple(frames.shape[1:]) != tuple(sm["frame_shape"]):
                 raise SessionError(f"start frames in {src} are {tuple(frames.shape[1:])}; the model makes "
                                    f"{tuple(sm['frame_shape'])}")
+    if env is not None and env not in ENVS:
+        raise SessionError(f"unknown environment {env!r}; choose one of {sorted(ENVS)}")
     env = env or (manifest or {}).get("env")
     if num_actions:
         spec = ENVS.get(env) if env else None
         if spec is not None and len(spec.actions) != num_actions:
             raise SessionError(f"the model takes {num_actions} actions; {env!r} has {len(spec.actions)}")
         names = list(spec.actions) if spec else [f"action{i}" for i in range(num_actions)]
-        keys = {k: a for k, a in zip(spec.keys, spec.actions) if k} if spec else \
-            {str(i + 1): n for i, n in enumerate(names)}
-        idle = names.index("stay") if "stay" in names else None
+        keys = spec.key_map if spec else {str(i + 1): n for i, n in enumerate(names)}
     else:
-        names, keys, idle = [], {}, None
+        names, keys = [], {}
     win = window if window is not None else (sm.get("window") or sm["num_frames"])
-    return World(model, sm, enc, names, keys, idle, frames, int(win), **kw)
+    return World(model, sm, enc, names, keys, frames, int(win), **kw)
 
 
 class _Player:
