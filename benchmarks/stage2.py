@@ -4,7 +4,7 @@
     python benchmarks/stage2.py --json docs/stage2.json
 
 Everything is timed in one run on random weights (speed does not depend on them), with the same model,
-batch and grid for both methods (spec §5, §6):
+batch and grid for both methods (method.md §5, §6):
 
 * pair generation: `generate_pairs` in `cached` mode (block by block, KV cache of ground-truth context)
   vs `packed` mode (every Euler step one teacher-forcing forward over [clean ; noisy]); both with CFG, so

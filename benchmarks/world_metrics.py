@@ -6,7 +6,7 @@
 For each stage with a checkpoint under --runs, eval/world.py's world_metrics: open loop from `--context` clean
 frames of each held-out episode under the recorded actions and under actions shuffled across episodes (PSNR,
 SSIM, ΔPSNR), an inverse-dynamics model and a state probe trained on the REAL training recording reading the
-generated frames, and MiniGrid loop closure (research/world_model.md §4). The rows "real frames" (ceiling)
+generated frames, and MiniGrid loop closure (docs/world_model.md, metrics). The rows "real frames" (ceiling)
 and "floor" put the numbers on a scale: the IDM on real held-out transitions vs their actions / vs shuffled
 actions, the probe on real frames / its best constant guess.
 
@@ -125,7 +125,7 @@ def table(result: dict) -> str:
         "\n".join(lines),
         "",
         "PSNR/SSIM: open loop vs the recorded frames (mean over generated frames; h = steps after the context). "
-        "ΔPSNR = PSNR(recorded actions) − PSNR(shuffled actions) (research/world_model.md §4.2). "
+        "ΔPSNR = PSNR(recorded actions) − PSNR(shuffled actions) (docs/world_model.md, metrics). "
         "IDM acc: the inverse-dynamics model (trained on real transitions of "
         f"{s['train']}) on generated transitions vs the recorded actions; 'shuf' reads the shuffled-action rollout "
         "against the recorded actions (equal to IDM acc for a model that ignores actions); 'follows shuf' against "
@@ -197,7 +197,7 @@ def evaluate_stage(path: Path, ep: dict, idm, probe, args) -> dict:
     step, steps = meta.get("step"), cfg.train.steps
     kw = {"steps": args.steps} if args.steps and not sampling.get("few_step") else {}
     if sampling["causal"]:  # stream as play does: a rolling cache of the training clip length (relative offsets
-        # beyond it were never trained; research/world_model.md §4 long-horizon drift)
+        # beyond it were never trained; docs/world_model.md, metrics long-horizon drift)
         kw["window"] = sampling["num_frames"] if args.window < 0 else args.window
     t0 = time.perf_counter()
     m = W.world_metrics(model, sampling, text_encoder_for(cfg, sampling), ep, idm, probe, context=args.context,

@@ -7,7 +7,7 @@ value of the wrong type is a `ConfigError` naming the key):
 
 `model.preset` names a size preset (`tiny`, `toy`, `wan2.1-1.3b`, `wan2.1-14b`); keys given next to it
 in the same mapping override the preset's values. The resolved config is written into every run
-directory and every checkpoint, so a checkpoint is self-describing (design §5).
+directory and every checkpoint, so a checkpoint is self-describing (architecture.md §5).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # 5 frequencies separate 8 positions, which left samples as scattered patches (docs/core_engine.md)
     "toy": dict(num_heads=2, head_dim=64, ffn_dim=512, num_layers=4, text_dim=384, freq_dim=64,
                 patch_size=(1, 4, 4), in_channels=3, out_channels=3),
-    # Wan2.1 T2V (spec §3.2); instantiate on the meta device on CPU
+    # Wan2.1 T2V (method.md §3.2); instantiate on the meta device on CPU
     "wan2.1-1.3b": dict(num_heads=12, head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096,
                         freq_dim=256, patch_size=(1, 2, 2), in_channels=16, out_channels=16),
     "wan2.1-14b": dict(num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096,
@@ -77,11 +77,11 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class FlowConfig:
-    """Rectified-flow schedule (spec §2). Sigmas are exact; no 1000-point snapping at sampling time."""
+    """Rectified-flow schedule (method.md §2). Sigmas are exact; no 1000-point snapping at sampling time."""
 
     shift: float = 5.0
     num_train_timesteps: int = 1000  # the grid training sigmas are drawn from
-    weighting: str = "bell"  # bell (Stage-1 "bsmntw" weight, spec §2) | uniform
+    weighting: str = "bell"  # bell (Stage-1 "bsmntw" weight, method.md §2) | uniform
 
 
 @dataclass
@@ -114,34 +114,34 @@ class ObjectiveConfig:
 
 @dataclass
 class DistillConfig:
-    """Stages 2-3 (spec §5-§7): few-step schedules, teachers and the knobs of ODE, CD and DMD.
+    """Stages 2-3 (method.md §5-§7): few-step schedules, teachers and the knobs of ODE, CD and DMD.
 
-    Step lists use the reference configs' warped convention (spec §12.3): [1000, 500] means sigmas
+    Step lists use the reference configs' warped convention (method.md §12.3): [1000, 500] means sigmas
     shift(1.0), shift(0.5) = 1, .8333 at shift 5. Teacher/real/critic are checkpoint paths; in a recipe
     `@<stage>` names another stage of the same recipe, and `framecast pipeline` fills the usual ones.
     """
 
     denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])  # few-step schedule
-    first_block_steps: list[int] = field(default_factory=list)  # first block's own schedule (spec §7.6); [] = same
-    grid_steps: int = 48  # N of the ODE/CD grid; the few-step sigmas must lie on it (spec §5.1, §6)
+    first_block_steps: list[int] = field(default_factory=list)  # first block's own schedule (method.md §7.6); [] = same
+    grid_steps: int = 48  # N of the ODE/CD grid; the few-step sigmas must lie on it (method.md §5.1, §6)
     teacher: str = ""  # ODE/CD teacher checkpoint: the Stage-1 AR model (the Stage-0 base for the baseline)
     guidance: float = 3.0  # teacher CFG for ODE pairs and CD. The reference uses 6 (ODE) and 3 (CD), so its
-    # two inits distill different flows (spec §12.2); one value here makes them target the same flow map
+    # two inits distill different flows (method.md §12.2); one value here makes them target the same flow map
     ode_teacher: str = "causal"  # causal (AR teacher, clean GT context) | bidirectional (Self Forcing baseline)
     num_pairs: int = 256  # ODE trajectories to generate
     shard_size: int = 64  # trajectories per shard of the pair store
     pairs_dir: str = ""  # where the pair store lives; default <run dir>/pairs
     pair_mode: str = "cached"  # cached (block-wise with the KV cache) | packed (teacher-forcing forward)
-    target_decay: float = 0.99  # CD target network (EMA of the student, spec §6)
+    target_decay: float = 0.99  # CD target network (EMA of the student, method.md §6)
     real: str = ""  # DMD real score: the bidirectional base, frozen
-    critic: str = ""  # DMD fake score initialisation: the bidirectional base (spec §7.1)
-    real_guidance: float = 4.0  # u + g (c - u); the reference's x_c + 3 (x_c - x_u) is g = 4 (spec §12.1)
-    critic_ratio: int = 5  # critic updates per generator update (spec §7.5)
+    critic: str = ""  # DMD fake score initialisation: the bidirectional base (method.md §7.1)
+    real_guidance: float = 4.0  # u + g (c - u); the reference's x_c + 3 (x_c - x_u) is g = 4 (method.md §12.1)
+    critic_ratio: int = 5  # critic updates per generator update (method.md §7.5)
     critic_lr: float = 4.0e-7
     critic_betas: tuple[float, float] = (0.0, 0.999)
-    dmd_sigma_min: float = 0.02  # DMD noise levels: shift(U{0..999}/1000) clamped to [min, max] (spec §7.3)
+    dmd_sigma_min: float = 0.02  # DMD noise levels: shift(U{0..999}/1000) clamped to [min, max] (method.md §7.3)
     dmd_sigma_max: float = 0.98
-    context_sigma: float = 0.0  # noise level of the committed context in self-rollout (0: clean, spec §12.8)
+    context_sigma: float = 0.0  # noise level of the committed context in self-rollout (0: clean, method.md §12.8)
 
 
 @dataclass

@@ -1,11 +1,11 @@
-"""Rectified-flow schedule as pure functions of sigma in [0, 1] (spec §2).
+"""Rectified-flow schedule as pure functions of sigma in [0, 1] (method.md §2).
 
-Conventions (design §3): `x_s = (1 - s) x0 + s eps`, velocity target `v = eps - x0`, `x0 = x_s - s v`.
+Conventions (architecture.md §3): `x_s = (1 - s) x0 + s eps`, velocity target `v = eps - x0`, `x0 = x_s - s v`.
 Noise levels are `sigma[B, F]` (one per frame) and broadcast over `[B, F, C, H, W]` videos. Wan's
 integer-looking timestep `t = 1000 sigma` appears only at the time-embedding boundary (models/).
 
 Nothing here keeps state: no `set_timesteps`, no step index, no nearest-grid snapping of a requested
-sigma (spec §12.7 explains why the reference's snapping is a source of mismatches).
+sigma (method.md §12.7 explains why the reference's snapping is a source of mismatches).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ Tensor = torch.Tensor
 
 
 def shift(sigma: Tensor | float, s: float) -> Tensor | float:
-    """Wan/SD3 time shift: s*sigma / (1 + (s-1)*sigma). Monotone, fixes 0 and 1 (spec §2)."""
+    """Wan/SD3 time shift: s*sigma / (1 + (s-1)*sigma). Monotone, fixes 0 and 1 (method.md §2)."""
     return s * sigma / (1 + (s - 1) * sigma)
 
 
@@ -37,7 +37,7 @@ def add_noise(x0: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
 
 
 def velocity_target(x0: Tensor, eps: Tensor) -> Tensor:
-    """Flow-matching target v* = eps - x0 (spec §2)."""
+    """Flow-matching target v* = eps - x0 (method.md §2)."""
     return eps - x0
 
 
@@ -68,7 +68,7 @@ def grid(num_steps: int, s: float, *, dtype: torch.dtype = torch.float64) -> Ten
     """N-step shifted grid with its endpoint: sigma_n = shift(1 - n/N), n = 0..N (so sigma_N = 0).
 
     With N = 48 and s = 5, indices 0/12/24/36 are exactly the 4-step sigmas 1, .9375, .8333, .625,
-    which the causal-ODE anchors and the CD grid rely on (spec §5.1, §12.3).
+    which the causal-ODE anchors and the CD grid rely on (method.md §5.1, §12.3).
     """
     if num_steps < 1:
         raise ValueError(f"a grid needs at least one step, got {num_steps}")
@@ -79,7 +79,7 @@ def grid(num_steps: int, s: float, *, dtype: torch.dtype = torch.float64) -> Ten
 def few_step_sigmas(step_list: list[int] | tuple[int, ...], s: float, *, num_train_timesteps: int = 1000) -> Tensor:
     """The configs' warped step lists -> exact sigmas: [1000, 750, 500, 250] -> [1, .9375, .8333, .625].
 
-    The reference appends t=0 to its 1000-point training grid and indexes it at 1000 - t (spec §2), which
+    The reference appends t=0 to its 1000-point training grid and indexes it at 1000 - t (method.md §2), which
     is shift(t / 1000) exactly; we compute that directly instead of indexing a table.
     """
     t = torch.tensor([float(v) for v in step_list], dtype=torch.float64)
@@ -112,14 +112,14 @@ def grid_indices(sigmas: Tensor, num_steps: int, s: float, *, atol: float = 1e-9
 
 
 def train_grid(s: float, num_train_timesteps: int = 1000) -> Tensor:
-    """The 1000-point training grid: sigma_k = shift(1 - k/1000), k = 0..999 (sigma = 0 dropped, spec §2)."""
+    """The 1000-point training grid: sigma_k = shift(1 - k/1000), k = 0..999 (sigma = 0 dropped, method.md §2)."""
     return grid(num_train_timesteps, s)[:-1]
 
 
 def sample_block_sigmas(batch: int, num_frames: int, block_size: int, s: float, *,
                         num_train_timesteps: int = 1000, generator: torch.Generator | None = None,
                         shared: bool = False) -> Tensor:
-    """Per-block training sigmas [B, F]: one grid index per block, shared by its K frames (spec §4, §12.23).
+    """Per-block training sigmas [B, F]: one grid index per block, shared by its K frames (method.md §4, §12.23).
 
     `shared=True` gives one sigma per video (bidirectional Stage 0, or CD/ODE's shared timestep).
     A trailing partial block (F not a multiple of K) gets its own draw.
@@ -141,7 +141,7 @@ def _bell_constants(s: float, num_train_timesteps: int) -> tuple[float, float]:
 
 
 def bell_weight(sigma: Tensor, s: float, num_train_timesteps: int = 1000) -> Tensor:
-    """Stage-1 loss weight (spec §2): y(t) = exp(-2((t-500)/1000)^2), normalised to mean 1 on the grid.
+    """Stage-1 loss weight (method.md §2): y(t) = exp(-2((t-500)/1000)^2), normalised to mean 1 on the grid.
 
     w(1000) = 0 (pure noise carries no loss), peak ~2.08 at t = 500.
     """

@@ -1,7 +1,7 @@
 """Recipes: which networks a stage has, which are frozen, what initialises what, how its checkpoint samples.
 
     stage0  bidirectional base, flow matching                           (the real score / critic init)
-    stage1  AR student from stage0, teacher forcing (or DF baseline)    (the ODE / CD teacher), spec §4
+    stage1  AR student from stage0, teacher forcing (or DF baseline)    (the ODE / CD teacher), method.md §4
     ode     few-step init: regression on ODE pairs of the AR teacher    (or the bidirectional baseline), §5
     cd      few-step init: causal consistency distillation from the AR teacher, §6
     dmd     asymmetric DMD with self-rollout: generator from ode/cd, critic + real score from stage0, §7
@@ -67,7 +67,7 @@ def stage_mode(cfg: C.RunConfig) -> str:
 
 
 def few_step_schedule(cfg: C.RunConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(sigmas, first-block sigmas or None) from the warped step lists (spec §2, §7.6)."""
+    """(sigmas, first-block sigmas or None) from the warped step lists (method.md §2, §7.6)."""
     d = cfg.distill
     sig = flow.few_step_sigmas(d.denoising_steps, cfg.flow.shift, num_train_timesteps=cfg.flow.num_train_timesteps)
     first = None
@@ -143,7 +143,7 @@ def sample(model: Denoiser, meta: dict[str, Any], cond: Cond, null: Cond, *, num
     """Sample [B, F, C, H, W] as the checkpoint's meta says (streaming with a KV cache for causal models).
 
     `sampler` / `denoising_steps` override the checkpoint's schedule; asking a multi-step model for
-    few-step sampling (or the reverse) raises unless `force` (design §5).
+    few-step sampling (or the reverse) raises unless `force` (architecture.md §5).
     """
     C_, H, W = meta["frame_shape"]
     name = sampler or meta["sampler"]
@@ -220,7 +220,7 @@ def _load_role(path: str, what: str, want: str, cfg: C.RunConfig) -> Denoiser:
 
 
 def make_pairs(cfg: C.RunConfig, source=None):
-    """Generate (or finish) the ODE-pair store of an `ode` stage and return it (spec §5.1); resumable."""
+    """Generate (or finish) the ODE-pair store of an `ode` stage and return it (method.md §5.1); resumable."""
     from .data.trajectories import PairStore
     from .objectives.ode import TEACHERS, write_pairs
 

@@ -1,4 +1,4 @@
-"""The ONE autoregressive block loop (design §2, aesthetics §3.6).
+"""The ONE autoregressive block loop (architecture.md §2, architecture.md §2).
 
 Offline sampling, streaming sessions, ODE-pair generation and (next issue) DMD self-rollout all call
 `rollout`. Per block b of K frames at absolute frame offset f_b:
@@ -6,7 +6,7 @@ Offline sampling, streaming sessions, ODE-pair generation and (next issue) DMD s
     x0_b = sampler(denoiser, noise_b, sigmas_b, cond_b, cache=cache, positions=f_b..f_b+K-1)   # reads cache
     denoiser.commit(x0_b, ...)                                                               # one write
 
-so block b conditions on the committed clean output of blocks < b (spec §3.4, §8). A clean prefix
+so block b conditions on the committed clean output of blocks < b (method.md §3.4, §8). A clean prefix
 (I2V first frame, continuation) is committed first, block by block, and is not yielded.
 
 A bidirectional model is the special case of one block spanning the whole video (`block_size = F`).
@@ -63,18 +63,18 @@ def rollout(
         noise: [B, F, C, H, W] starting noise for the generated frames.
         cond: conditioning; `cond.actions`, if any, is indexed by absolute frame (prefix included).
         sampler, sigmas: the per-block sampler and its sigma list (sampling.py).
-        first_sigmas: a separate schedule for the first generated block (spec §7.6: 4 steps for 1/2-step models).
+        first_sigmas: a separate schedule for the first generated block (method.md §7.6: 4 steps for 1/2-step models).
         context: clean prefix frames [B, P, C, H, W] committed before generation (I2V / continuation).
         cache: continue an existing stream (its frames count as context); default a fresh cache.
         window, sink: attention window of a fresh cache (frames, counting the current block).
         commit_last: commit the last block too (needed to continue the stream later).
         renoise_context: re-noise each block's output to `context_sigma` before committing it (training
-            self-rollout does; inference feeds the clean output, spec §12.8).
-        exit_step, first_exit_step: self-rollout gradient policy for `few_step` (spec §7.2): every block stops
+            self-rollout does; inference feeds the clean output, method.md §12.8).
+        exit_step, first_exit_step: self-rollout gradient policy for `few_step` (method.md §7.2): every block stops
             at `exit_step` (the first block at `first_exit_step`, for its own schedule), only that forward
             keeps grad, and the context is committed without grad.
         teacher_context: [B, F, C, H, W] clean frames to commit instead of the generated blocks, so block b is
-            conditioned on the ground-truth prefix (causal ODE pairs, spec §5.1, §12.17).
+            conditioned on the ground-truth prefix (causal ODE pairs, method.md §5.1, §12.17).
     """
     B, F = noise.shape[:2]
     if teacher_context is not None and teacher_context.shape != noise.shape:

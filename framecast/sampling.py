@@ -1,4 +1,4 @@
-"""Per-block samplers with one signature (aesthetics §3.5):
+"""Per-block samplers with one signature (architecture.md §2):
 
     sampler(denoiser, x, sigmas, cond, *, cache, positions, guidance, generator) -> x0
 
@@ -7,7 +7,7 @@ only read here; the rollout commits.
 
 * `euler`: the probability-flow ODE of a multi-step model (Stage 0/1 teachers, ODE-pair generation).
   `sigmas` ends at 0, e.g. `flow.grid(N, shift)`.
-* `few_step`: the consistency-style sampler of distilled generators (spec §2): predict x0, re-noise it with
+* `few_step`: the consistency-style sampler of distilled generators (method.md §2): predict x0, re-noise it with
   fresh noise to the next sigma, repeat; the last prediction is the output. `sigmas` has no trailing 0.
 """
 
@@ -38,7 +38,7 @@ def _sig(value: float, x: Tensor) -> Tensor:
 def euler(denoiser, x: Tensor, sigmas: Tensor, cond: Cond, *, cache: KVCache | None = None,
           positions: Tensor | None = None, guidance: Guidance | None = None,
           generator: torch.Generator | None = None, callback: Callable[[int, Tensor], None] | None = None) -> Tensor:
-    """Euler steps x_{s'} = x_s + (s' - s) v along `sigmas` (spec §2); returns the state at sigmas[-1]."""
+    """Euler steps x_{s'} = x_s + (s' - s) v along `sigmas` (method.md §2); returns the state at sigmas[-1]."""
     if float(sigmas[-1]) != 0.0:
         raise ValueError(f"euler integrates to sigma = 0; the last sigma is {float(sigmas[-1])}")
     for i in range(len(sigmas) - 1):
@@ -54,9 +54,9 @@ def few_step(denoiser, x: Tensor, sigmas: Tensor, cond: Cond, *, cache: KVCache 
              positions: Tensor | None = None, guidance: Guidance | None = None,
              generator: torch.Generator | None = None, callback: Callable[[int, Tensor], None] | None = None,
              exit_step: int | None = None) -> Tensor:
-    """x0 = G(x, s_j); x = (1 - s_{j+1}) x0 + s_{j+1} eps_fresh; output the last x0 (spec §2).
+    """x0 = G(x, s_j); x = (1 - s_{j+1}) x0 + s_{j+1} eps_fresh; output the last x0 (method.md §2).
 
-    `exit_step = k` is the self-rollout gradient policy (spec §7.2, §12.12): stop after step k and return
+    `exit_step = k` is the self-rollout gradient policy (method.md §7.2, §12.12): stop after step k and return
     that x0; steps before k run without grad, step k with whatever grad mode the caller has.
     """
     if float(sigmas[-1]) == 0.0:

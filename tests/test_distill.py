@@ -1,4 +1,4 @@
-"""Stages 2-3 (spec §5-§7, §12): gradient routing and targets of ODE / CD / DMD, the ODE pair store, the
+"""Stages 2-3 (method.md §5-§7, §12): gradient routing and targets of ODE / CD / DMD, the ODE pair store, the
 trainer hooks (CD target network, DMD critic), recipes and the few-step CLI.
 
 Every model here is the `tiny` preset; the whole file runs on one intra-op thread (the tiny forwards are
@@ -82,7 +82,7 @@ def _spy_forwards(monkeypatch, model, log):
 
 
 # ================================================================================================
-# CausalCD (spec §6)
+# CausalCD (method.md §6)
 # ================================================================================================
 
 
@@ -246,7 +246,7 @@ def test_cd_rejects_bad_settings():
 
 
 # ================================================================================================
-# AsymmetricDMD (spec §7)
+# AsymmetricDMD (method.md §7)
 # ================================================================================================
 
 
@@ -310,7 +310,7 @@ def _dmd_draws(obj, x, g):
 
 
 def test_dmd_generator_gradient_identity():
-    """dL_G / dx~ = g / numel with g = (x_fake - x_real) / mean|x~ - x_real| per video (spec §7.3)."""
+    """dL_G / dx~ = g / numel with g = (x_fake - x_real) / mean|x~ - x_real| per video (method.md §7.3)."""
     obj, gen, critic, real = _dmd(guidance=4.0)
     b = _batch(B=2, F=3)
     x = (torch.randn(b.video.shape, generator=torch.Generator().manual_seed(4)) * 0.5).requires_grad_(True)
@@ -360,7 +360,7 @@ def test_dmd_sigmas_are_shifted_clamped_and_per_video():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_dmd_self_rollout_has_one_grad_forward_per_block(monkeypatch, seed):
-    """Through AsymmetricDMD.losses: the exit step is each block's only forward with grad (spec §7.2, §12.12)."""
+    """Through AsymmetricDMD.losses: the exit step is each block's only forward with grad (method.md §7.2, §12.12)."""
     obj, gen, critic, real = _dmd(ratio=2)
     log: list = []
     _spy_forwards(monkeypatch, gen, log)
@@ -395,7 +395,7 @@ def test_dmd_rejects_bad_settings():
 
 
 # ================================================================================================
-# ODERegression (spec §5.2, §11)
+# ODERegression (method.md §5.2, §11)
 # ================================================================================================
 
 
@@ -467,7 +467,7 @@ def test_ode_regression_checks_the_store_layout():
 
 
 # ================================================================================================
-# ODE pair store (data/trajectories.py + objectives/ode.py write_pairs), spec §5.1, §12.4
+# ODE pair store (data/trajectories.py + objectives/ode.py write_pairs), method.md §5.1, §12.4
 # ================================================================================================
 
 PAIR_KW = dict(block_size=1, steps=8, shift=SHIFT, anchors=TWO_STEP64, guidance=3.0, seed=3, progress=False)
@@ -636,7 +636,7 @@ def _vector_pairs(root, teacher, kind, mix, n=128):
 
 def test_bidirectional_teacher_pairs_are_a_joint_solve(tmp_path):
     """Self-Forcing-baseline pairs: one packed bidirectional Euler solve of the whole video (P1 Lemma 3.2),
-    unlike the causal pairs of the AR teacher conditioned on the ground truth (spec §5.1)."""
+    unlike the causal pairs of the AR teacher conditioned on the ground truth (method.md §5.1)."""
     mix = VectorMixture.toy_a(num_frames=3)
     bi = _vector_pairs(tmp_path / "bi", BidirectionalTeacher(mix), "bidirectional", mix)
     ar = _vector_pairs(tmp_path / "ar", ARTeacher(mix), "causal", mix)
@@ -717,7 +717,7 @@ def test_cd_resume_is_exact_for_the_student_and_the_target_network(tmp_path, bas
 
 
 def test_cd_target_moves_after_each_student_update(tmp_path, base_ckpts):
-    """Trainer hook order: optimiser step, then target <- d target + (1 - d) student (spec §6)."""
+    """Trainer hook order: optimiser step, then target <- d target + (1 - d) student (method.md §6)."""
     p1 = base_ckpts["stage1"]
     cfg = tiny(tmp_path, "stage=cd", f"init={p1}", f"distill.teacher={p1}", "train.steps=1",
                "distill.target_decay=0.5", *FEW)
@@ -743,7 +743,7 @@ def test_dmd_checkpoint_critic_ema_and_optimisers(tmp_path, base_ckpts):
     assert groups["critic"]["lr"] == pytest.approx(3.0e-4) and tuple(groups["critic"]["betas"]) == (0.5, 0.9)
     assert groups["model"]["lr"] == pytest.approx(1.0e-3) and tuple(groups["model"]["betas"]) == (0.8, 0.95)
 
-    # schedule (spec §7.5): step 0 trains generator + critic, step 1 only the critic
+    # schedule (method.md §7.5): step 0 trains generator + critic, step 1 only the critic
     rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert "model/loss" in rows[0] and "critic/loss" in rows[0]
@@ -752,7 +752,7 @@ def test_dmd_checkpoint_critic_ema_and_optimisers(tmp_path, base_ckpts):
     assert _equal(_sd(s1), _sd(s2))  # no generator update on a critic-only step
     assert not _equal(_sd(s1, "critic"), _sd(s2, "critic"))
     assert not _equal(_sd(p0), _sd(s1, "critic"))  # the critic starts from stage0 and trains
-    # the generator EMA is created as a copy at its first update (step 0's generator step, spec §7.5) and
+    # the generator EMA is created as a copy at its first update (step 0's generator step, method.md §7.5) and
     # the critic-only step 1 does not move it: ema == model after step 0, not a mix with the init
     init, model, ema = _sd(pcd), _sd(s2), _sd(s2, "ema_model")
     assert not _equal(init, model)

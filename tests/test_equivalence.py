@@ -11,7 +11,7 @@ ATOL = 2e-5
 
 
 def stream_tf(net, x, sigma, clean, text, plan):
-    """Block by block: denoise block b reading the cache, then commit its clean copy (spec §3.4)."""
+    """Block by block: denoise block b reading the cache, then commit its clean copy (method.md §3.4)."""
     cache_kw = dict(block_size=plan.block_size, window=plan.window, sink=plan.sink)
     from framecast.models.kv_cache import KVCache
 
@@ -48,7 +48,7 @@ def test_streaming_equals_packed_teacher_forcing(tiny_model, K, F, window, sink)
 
 
 class LeakyPlan(AttentionPlan):
-    """A broken teacher-forcing mask that lets a noisy block see its own clean copy (spec §12.9)."""
+    """A broken teacher-forcing mask that lets a noisy block see its own clean copy (method.md §12.9)."""
 
     def allowed(self, qf, qc, kf, kc):
         ok = super().allowed(qf, qc, kf, kc)

@@ -28,7 +28,7 @@ def test_noise_and_parameterisation_round_trip():
 
 
 def test_warped_step_lists_are_exact():
-    # spec §2 table: [1000,750,500,250] -> sigma [1, .9375, .8333, .625]; [1000,500] -> [1, .8333]
+    # method.md §2 table: [1000,750,500,250] -> sigma [1, .9375, .8333, .625]; [1000,500] -> [1, .8333]
     torch.testing.assert_close(flow.few_step_sigmas([1000, 750, 500, 250], 5.0),
                                torch.tensor([1, 0.9375, 5 / 6, 0.625], dtype=torch.float64))
     torch.testing.assert_close(flow.few_step_sigmas([1000, 500], 5.0), torch.tensor([1, 5 / 6], dtype=torch.float64))
@@ -41,7 +41,7 @@ def test_grid_aligns_with_four_step_list():
     assert g.shape == (49,) and g[0] == 1 and g[-1] == 0
     four = flow.few_step_sigmas([1000, 750, 500, 250], 5.0)
     assert flow.grid_indices(four, 48, 5.0) == [0, 12, 24, 36]
-    assert abs(float(g[47]) * 1000 - 96.15) < 0.01  # the smallest CD/ODE grid point (spec §6)
+    assert abs(float(g[47]) * 1000 - 96.15) < 0.01  # the smallest CD/ODE grid point (method.md §6)
     with pytest.raises(ValueError, match="not on the 50-step"):
         flow.grid_indices(four, 50, 5.0)
 
@@ -67,6 +67,6 @@ def test_block_sigmas_share_within_block():
     assert bool(torch.isin(sig, grid).all())
     shared = flow.sample_block_sigmas(8, 5, 1, 5.0, generator=g, shared=True)
     assert bool((shared == shared[:, :1]).all())
-    # shift 5 puts most draws at high noise (spec §2)
+    # shift 5 puts most draws at high noise (method.md §2)
     many = flow.sample_block_sigmas(4000, 1, 1, 5.0, generator=g)
     assert float((many > 0.5).float().mean()) > 0.75

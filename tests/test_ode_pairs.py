@@ -1,4 +1,4 @@
-"""Causal ODE pairs: cached block-wise generation equals the packed teacher-forcing mode (spec §5.1)."""
+"""Causal ODE pairs: cached block-wise generation equals the packed teacher-forcing mode (method.md §5.1)."""
 
 import pytest
 import torch

@@ -33,7 +33,7 @@ def test_toy_recipes_load_and_share_their_common_stages(name):
     assert dmd.init.startswith("@")  # DMD starts from the named Stage-2 checkpoint
     steps = {"1step": [1000], "2step": [1000, 500], "4step": [1000, 750, 500, 250]}[name.rsplit("_", 1)[1]]
     assert dmd.distill.denoising_steps == steps
-    if steps != [1000, 750, 500, 250]:  # 1/2-step models denoise the first frame with 4 steps (spec §7.6)
+    if steps != [1000, 750, 500, 250]:  # 1/2-step models denoise the first frame with 4 steps (method.md §7.6)
         assert dmd.distill.first_block_steps == [1000, 750, 500, 250]
     # stages with the same key are the same run in every recipe (pipeline reuses them only if identical)
     base = {c.tag or c.stage: C.to_dict(c) for c in C.load_recipe(CONFIGS / "toy_framewise_2step.yaml").stages}

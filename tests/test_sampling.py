@@ -73,7 +73,7 @@ def test_first_block_schedule_and_context_prefix():
                    context=torch.randn(1, 2, 1, 1, 1))
     assert out.shape[1] == 3
     assert d.commits[:2] == [[0], [1]]  # the prefix is committed first
-    assert seen == [(4, [2]), (1, [3]), (1, [4])]  # 4-step first block, then 1-step (spec §7.6)
+    assert seen == [(4, [2]), (1, [3]), (1, [4])]  # 4-step first block, then 1-step (method.md §7.6)
 
 
 @pytest.mark.parametrize("K, window", [(1, 0), (3, 0), (1, 3)])
@@ -115,7 +115,7 @@ def test_bidirectional_model_samples_as_one_block(tiny_model):
 
 
 def test_self_rollout_gradient_policy(tiny_model):
-    """Only each block's exit-step forward has grad; commits and earlier steps do not (spec §7.2)."""
+    """Only each block's exit-step forward has grad; commits and earlier steps do not (method.md §7.2)."""
     model = tiny_model
     grad_modes = []
     orig_v, orig_commit = model.velocity, model.commit

@@ -25,7 +25,7 @@ the reference settings, both measured:
   (frame 1) was 0.945 with decay 0.99 (the init's 0.94: the front had only reached sigma ~0.5), 0.65
   with 0.9 and 0.15 with 0; even 3000 steps at 0.99 left it at 0.70 (sigma .9375: 0.33, .8333: 0.18).
   Longer CD at decay 0 helps little (600 steps: 0.13): the never-trained last level (sigma 0.096,
-  spec §12.5) drifts, its error growing from 0.02 (init) to ~0.045, and the map shrinks slightly
+  method.md §12.5) drifts, its error growing from 0.02 (init) to ~0.045, and the map shrinks slightly
   (mean |x1| 0.97).
 * The baseline regresses onto very noisy targets (the future noise decides the sign), so in 300 steps it is
   still on its way to E[x0^1 | eps^1] (near-zero mass 0.29; 2000 steps: 0.45; the optimum ~0.48).
@@ -118,7 +118,7 @@ def test_sample_metrics_flag_collapsed_blurred_and_independent_samples(toy):
     ref = toy.sample(20000, g)[0]
     zeros = torch.zeros(4000, 2, 1, 1, 1)
     assert ev.near_zero_mass(zeros) == 1.0 and ev.frame_w1(zeros, ref) == pytest.approx(1.0, abs=0.01)
-    # the SF-style optimum E[x0^1 | eps^1] = mu (2 Phi(eps^1) - 1) (spec §9.2): about half its mass near 0
+    # the SF-style optimum E[x0^1 | eps^1] = mu (2 Phi(eps^1) - 1) (method.md §9.2): about half its mass near 0
     eps = torch.randn(4000, 2, 1, 1, 1, generator=g)
     blurred = torch.erf(eps / math.sqrt(2))
     assert 0.45 < ev.near_zero_mass(blurred) < 0.55 and ev.frame_w1(blurred, ref) > 0.4

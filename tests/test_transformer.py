@@ -39,7 +39,7 @@ def test_stock_state_dict_loads_unchanged(tiny_cfg):
 
 
 def test_per_frame_sigma_changes_only_that_frame_in_bidirectional_time_embedding(tiny_model):
-    """Per-frame adaLN: frames of one forward can sit at different noise levels (spec §3.2)."""
+    """Per-frame adaLN: frames of one forward can sit at different noise levels (method.md §3.2)."""
     net = tiny_model.net
     x, text = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, net.config.text_dim)
     s1 = torch.full((1, 4), 0.5)

@@ -1,4 +1,4 @@
-"""Vector videos and analytic teachers (framecast/data/vectors.py; spec §9.2 Toy A)."""
+"""Vector videos and analytic teachers (framecast/data/vectors.py; method.md §9.2 Toy A)."""
 
 import pytest
 import torch
@@ -173,7 +173,7 @@ def test_ar_packed_equals_streaming(mix, K):
 
 
 # ------------------------------------------------------------------------------------------------
-# Toy A (spec §9.2): the AR teacher is fine, the bidirectional flow's per-frame conditional expectation blurs
+# Toy A (method.md §9.2): the AR teacher is fine, the bidirectional flow's per-frame conditional expectation blurs
 # ------------------------------------------------------------------------------------------------
 
 

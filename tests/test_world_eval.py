@@ -1,4 +1,4 @@
-"""World-model metrics (eval/world.py, research/world_model.md §4): an IDM trained on a few hundred real MiniGrid
+"""World-model metrics (eval/world.py, docs/world_model.md, metrics): an IDM trained on a few hundred real MiniGrid
 transitions reads actions far above the shuffled floor and is cached; the state probe has one head per state
 field of the right kind; loop closure on the real environment's own frames puts the four-turn view on top;
 world_metrics returns every key, and a model that ignores actions scores the same under shuffled actions."""

@@ -4,10 +4,10 @@
     framecast record breakout --out data/breakout_train --episodes 512 --frames 16 --seed 0
 
 plays the environment with a light exploration policy and writes episodes as safetensors shards beside a
-manifest (research/world_model.md §3):
+manifest (docs/world_model.md, environments):
 
     frames   [E, F, 3, H, W] uint8   the view after each step; frame 0 is the view after reset
-    actions  [E, F] int64            actions[:, f] leads to frame f (design §3); frame 0 gets the null action
+    actions  [E, F] int64            actions[:, f] leads to frame f (architecture.md §3); frame 0 gets the null action
     state    [E, F, S] int64         true state per frame, named by manifest["state_fields"] (state probes,
                                      loop-closure checks): MiniGrid x, y, heading; Breakout paddle x, ball x, y
 
@@ -19,7 +19,7 @@ Everything is deterministic per (seed, episode): episode e resets the environmen
 draws its actions from Generator(seed, e), so a resumed recording writes exactly the shards an uninterrupted
 one would have, and held-out data is just another seed. MiniGrid's egocentric 7x7-cell view is rendered at
 `tile` px per cell (28 px at tile 4) and padded with black to `size`; Breakout's 210x160 screen is resized to
-`size` x `size` (64 keeps the ball visible; research/world_model.md §3.5).
+`size` x `size` (64 keeps the ball visible; docs/world_model.md, environments).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _make_env(name: str, tile: int):
     if name == "minigrid":
         return RGBImgPartialObsWrapper(gym.make(ENVS[name].env_id, max_steps=1_000_000), tile_size=tile)
     gym.register_envs(ale_py)
-    # sticky actions off: replaying a seed and its actions gives the same frames (research/world_model.md §3.3)
+    # sticky actions off: replaying a seed and its actions gives the same frames (docs/world_model.md, environments)
     return gym.make(ENVS[name].env_id, repeat_action_probability=0.0, frameskip=4)
 
 

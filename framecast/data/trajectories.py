@@ -1,4 +1,4 @@
-"""Sharded ODE-pair store (design §2; spec §5.1, §12.4).
+"""Sharded ODE-pair store (architecture.md §2; method.md §5.1, §12.4).
 
     <pairs>/manifest.json          how the pairs were made (teacher, kind, grid, anchors, CFG, sizes)
     <pairs>/shard_00000.safetensors states [n, A, F, C, H, W], endpoint, clean [n, F, C, H, W],
@@ -7,7 +7,7 @@
 Each shard is written under a temporary name and renamed when complete, so a killed generation leaves only
 whole shards and a re-run continues with the first missing one. A store made with other settings is never
 mixed in or overwritten: opening it with a different manifest is an error that names the differing key
-(the reference's ODE and Self-Forcing stores differ in layout and must not be mixed, spec §12.4).
+(the reference's ODE and Self-Forcing stores differ in layout and must not be mixed, method.md §12.4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Vector videos and analytic teachers: the theory testbed of spec §9.2 (Toy A, reused by Toys C/D).
+"""Vector videos and analytic teachers: the theory testbed of method.md §9.2 (Toy A, reused by Toys C/D).
 
 Each frame is a D-vector stored as a video [B, F, D, 1, 1] (C = D, H = W = 1), drawn from a Gaussian mixture
 whose frames are independent given the component k: x^f = means[k, f] + std * xi. E[x0 | x_s] is then closed
@@ -7,11 +7,11 @@ new_cache / commit) and plug into `sampling` and `rollout` unchanged.
 
 * `BidirectionalTeacher` (joint posterior): the flow of frame i depends on the noise of later frames (in Toy A
   sign(eps1 + eps2) picks the mode), so an AR student that sees only eps^i can at best learn E[flow | eps^i],
-  a blurred conditional expectation (spec §9.2 (a)).
+  a blurred conditional expectation (method.md §9.2 (a)).
 * `ARTeacher` (p(block | clean earlier frames)): frame i's flow is a function of (x_s^i, clean context) alone,
-  which an AR student can represent exactly (spec §9.2 (b)).
+  which an AR student can represent exactly (method.md §9.2 (b)).
 
-Maths (spec §9.2), per frame f at noise level s_f, with a = 1 - s_f and var = a^2 std^2 + s_f^2:
+Maths (method.md §9.2), per frame f at noise level s_f, with a = 1 - s_f and var = a^2 std^2 + s_f^2:
     x_s^f | k ~ N(a m_k^f, var I),   E[x0^f | x_s^f, k] = m_k^f + a std^2 / var * (x_s^f - a m_k^f),
 and the responsibilities r_k multiply the likelihoods of every frame the teacher conditions on.
 """

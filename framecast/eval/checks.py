@@ -1,7 +1,7 @@
 """Self-checks a run can print: does the streamed sample match the packed teacher-forcing forward?
 
 `stream_vs_packed` records every cached denoising call of a streamed generation, then replays each one as
-a packed teacher-forcing forward whose clean copy is the streamed output (design §4). The largest
+a packed teacher-forcing forward whose clean copy is the streamed output (architecture.md §4). The largest
 difference is the number a user should see near fp32 round-off; anything larger means the cache, the
 mask or the positions disagree.
 """

@@ -1,13 +1,13 @@
-"""Metrics for vector videos (data/vectors.py; spec §9.2 Toys A and C).
+"""Metrics for vector videos (data/vectors.py; method.md §9.2 Toys A and C).
 
 A vector video is [B, F, D, 1, 1]: frame f of sample b is the D-vector x[b, f, :, 0, 0]. Because the data
 are a known Gaussian mixture with exact analytic teachers, a few-step student can be scored two ways:
 
 * against the teacher's **flow map** (`flow_map_errors`): the student's x0 prediction at a noisy input
   x_s = (1 - s) x_gt + s eps, with the ground-truth clean prefix as context, versus the exact flow map of
-  the AR teacher from that s (what causal ODE and causal CD both distill, spec §6, §9.1);
+  the AR teacher from that s (what causal ODE and causal CD both distill, method.md §6, §9.1);
 * by its **samples** (`sample_metrics`): the mass of frame f near 0 (the "conditional-expectation mass" of
-  a mode-averaged student, spec §9.2 (a)), the sign agreement of frames a and b (Toy A's frames share the
+  a mode-averaged student, method.md §9.2 (a)), the sign agreement of frames a and b (Toy A's frames share the
   sign of their component) and the 1-D Wasserstein-1 distance of a frame's coordinates to the data.
 
 Everything but `flow_map_errors` is a pure function of tensors; results are Python floats (or [F] / [A, F]
@@ -38,7 +38,7 @@ def near_zero_mass(x: Tensor, frame: int = 0, radius: float = 0.5) -> float:
 
     x: [B, F, D, 1, 1]. In Toy A the modes sit at +-mu (mu = 1, std 0.05), so data put ~0 mass in |x| < 0.5,
     while the optimum of a student regressed on bidirectional pairs, E[x0^1 | eps^1] = mu (2 Phi(eps^1) - 1),
-    puts ~48 % there (spec §9.2).
+    puts ~48 % there (method.md §9.2).
     """
     v = vectors(x)[:, frame]  # [B, D]
     return float((v.norm(dim=-1) < radius).double().mean())
@@ -109,7 +109,7 @@ def flow_map_errors(student, teacher, x_gt: Tensor, noise: Tensor, sigmas: Tenso
         pred   = student.x0(x_s, s | clean = x_gt)
         target = flow_map(teacher, x_s, s | clean = x_gt)      (RK4, `steps` steps, float64)
 
-    so frame f is scored on its own problem given x_gt^{<f} (spec §6: the per-block flow map that causal ODE
+    so frame f is scored on its own problem given x_gt^{<f} (method.md §6: the per-block flow map that causal ODE
     and causal CD both distill). x_gt, noise: [B, F, D, 1, 1]; student: a Denoiser (x0 interface with
     plan=/clean=); teacher: an analytic `ARTeacher`.
     """

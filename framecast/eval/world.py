@@ -1,4 +1,4 @@
-"""World-model metrics on held-out recorded episodes (issue: world model, point 3; research/world_model.md §4).
+"""World-model metrics on held-out recorded episodes (issue: world model, point 3; docs/world_model.md, metrics).
 
 Open loop: the model sees the first `context` frames of an episode and generates the rest under the recorded
 actions (actions[:, f] leads to frame f), with no access to later ground truth. PSNR against the recorded
@@ -420,7 +420,7 @@ def real_reference(eval_episodes, idm: InverseDynamics, probe: StateProbe | None
 # Mean brightness of a cell of MiniGrid's egocentric view (the visible-cell highlight included), measured on
 # recorded frames: unseen cells are black, floor 76, wall 146 (the agent's cell reads as floor, the goal as
 # wall). The view is the agent's local state -- what is around and ahead of it -- which, unlike x, y and
-# heading, is visible in one frame (research/world_model.md §4.5: "wall layout (egocentric)").
+# heading, is visible in one frame (docs/world_model.md, metrics: "wall layout (egocentric)").
 LAYOUT_CLASSES = ("unseen", "floor", "wall")
 LAYOUT_LEVELS = (0.0, 76.0, 146.0)
 VIEW_CELLS = 7  # MiniGrid's default agent_view_size

@@ -1,4 +1,4 @@
-"""Attention plans: which frame may attend to which (spec §3.3), defined once as a frame-level rule.
+"""Attention plans: which frame may attend to which (method.md §3.3), defined once as a frame-level rule.
 
 A plan is data, not a fork of the network: the same `CausalWanTransformer` is bidirectional, block-causal
 (diffusion forcing, Self-Forcing's ODE init) or teacher-forcing (packed `[clean ; noisy]`) depending on
@@ -9,7 +9,7 @@ the plan it is given. The rule `allowed(q, k)` is written once over frame indice
 
 Blocks are aligned at frame 0: frame f belongs to block f // K. A window of W frames (counting the
 query's own block) plus `sink` leading frames bounds what a query block sees; the KV cache evicts with
-the same rule (kv_cache.py), which is what makes streaming equal the packed forward (design §4).
+the same rule (kv_cache.py), which is what makes streaming equal the packed forward (architecture.md §4).
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ class AttentionPlan:
 
         * bidirectional: everything.
         * block_causal: key block <= query block (full attention inside a block), within the window.
-        * teacher_forcing (spec §3.3): a clean query sees clean keys block-causally; a noisy query sees
+        * teacher_forcing (method.md §3.3): a clean query sees clean keys block-causally; a noisy query sees
           noisy keys of its own block only, plus clean keys of strictly earlier blocks. A noisy block
-          never sees its own clean copy (that would leak the answer, spec §12.9).
+          never sees its own clean copy (that would leak the answer, method.md §12.9).
         """
         K = self.block_size
         qb, kb = qf // K, kf // K

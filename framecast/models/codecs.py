@@ -1,6 +1,6 @@
 """Latent codecs behind one protocol: pixels [B, F, 3, H, W] in [-1, 1] <-> latents [B, F', C, H', W'].
 
-Frames are latent frames everywhere else in framecast (design §3); pixel <-> latent counts are converted
+Frames are latent frames everywhere else in framecast (architecture.md §3); pixel <-> latent counts are converted
 only here. The toys use the identity codec (the "latent" is the image). The Wan VAE (4x temporal, 8x
 spatial, 16 channels, streaming decode) arrives with the Wan loading issue.
 """

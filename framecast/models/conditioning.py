@@ -1,7 +1,7 @@
 """Conditioning: the `Cond` bundle, frozen text encoders, and the action embedder.
 
 * `Cond` carries encoder states `text[B, Lt, Dt]` and optional per-frame `actions[B, F]` (integers;
-  `actions[:, f]` is the input that leads to frame f, design §3). `null()` variants feed CFG.
+  `actions[:, f]` is the input that leads to frame f, architecture.md §3). `null()` variants feed CFG.
 * Text encoders share one protocol, `encode(prompts) -> [B, max_tokens, dim]`, with padded positions
   zeroed (as Wan does for umT5), so the network's unmasked cross-attention sees zeros there.
     - `hash`: seeded word vectors, no weights at all (unit tests).

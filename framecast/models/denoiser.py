@@ -1,9 +1,9 @@
 """Denoiser: the one place that knows the parameterisation (velocity <-> x0), CFG and the cache commit.
 
-Objectives, samplers and the rollout talk to a `Denoiser`, never to the raw network (aesthetics §3.2).
+Objectives, samplers and the rollout talk to a `Denoiser`, never to the raw network (architecture.md §2).
 Anything with the same methods can stand in for it, e.g. the analytic teachers of `data/vectors.py`.
 
-CFG (spec §12.1): `v = v_u + g (v_c - v_u)`. With guidance the conditional and null branches run as one
+CFG (method.md §12.1): `v = v_u + g (v_c - v_u)`. With guidance the conditional and null branches run as one
 doubled batch, so a KV cache used with guidance holds both branches (batch 2B) and every call on that
 cache, commits included, must pass the same guidance.
 """
@@ -67,7 +67,7 @@ class Denoiser(nn.Module):
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond, *, guidance: Guidance | None = None,
                  plan: AttentionPlan = BIDIRECTIONAL, cache: KVCache | None = None, positions: Tensor | None = None,
                  clean: Tensor | None = None) -> Tensor:
-        """v[B, F, C, H, W] for x[B, F, C, H, W] at sigma[B, F] (spec §2), with optional CFG."""
+        """v[B, F, C, H, W] for x[B, F, C, H, W] at sigma[B, F] (method.md §2), with optional CFG."""
         kw = dict(plan=plan, cache=cache, positions=positions)
         if guidance is None or not guidance.active:
             return self._raw(x, sigma, cond, clean=clean, **kw)
@@ -78,16 +78,16 @@ class Denoiser(nn.Module):
         return v_u + guidance.scale * (v_c - v_u)
 
     def x0(self, x: Tensor, sigma: Tensor, cond: Cond, **kw) -> Tensor:
-        """x0 = x - sigma v (the consistency/few-step parameterisation, spec §6)."""
+        """x0 = x - sigma v (the consistency/few-step parameterisation, method.md §6)."""
         return flow.v_to_x0(x, self.velocity(x, sigma, cond, **kw), sigma)
 
     @torch.no_grad()
     def commit(self, x0: Tensor, cond: Cond, cache: KVCache, *, positions: Tensor | None = None,
                sigma: float = 0.0, guidance: Guidance | None = None) -> None:
-        """Write the clean K/V of a finished block into the cache (spec §3.4 refresh pass).
+        """Write the clean K/V of a finished block into the cache (method.md §3.4 refresh pass).
 
         `sigma` is the context noise level fed to the time embedding; the block itself is passed as given
-        (inference never re-noises the context, spec §12.8).
+        (inference never re-noises the context, method.md §12.8).
         """
         s = torch.full(x0.shape[:2], float(sigma), device=x0.device)
         if guidance is not None and guidance.active:

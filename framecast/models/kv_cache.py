@@ -1,4 +1,4 @@
-"""KVCache: the committed clean context of a stream, per layer, post-RoPE (spec §3.4).
+"""KVCache: the committed clean context of a stream, per layer, post-RoPE (method.md §3.4).
 
 Life of a block in streaming (rollout.py owns the order):
 
@@ -67,7 +67,7 @@ class KVCache(CommittedFrames):
 
     def stage(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Called by a commit forward: the block's clean K/V for `layer` ([B, Lb, H, D], post-RoPE)."""
-        self._staged[layer] = (k.detach(), v.detach())  # context is never differentiated (spec §7.2)
+        self._staged[layer] = (k.detach(), v.detach())  # context is never differentiated (method.md §7.2)
 
     def commit(self, frames: Tensor) -> None:
         """Append the staged K/V of `frames` (absolute indices) in every layer, then evict."""

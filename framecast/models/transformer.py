@@ -1,4 +1,4 @@
-"""CausalWanTransformer: the one network (design §2, spec §3.2).
+"""CausalWanTransformer: the one network (architecture.md §2, method.md §3.2).
 
 A subclass of diffusers' `WanTransformer3DModel` that keeps `__init__` and every module name, so Wan2.1
 state dicts (diffusers format, or the original format through diffusers' converter) load unchanged. Only
@@ -13,7 +13,7 @@ the forward is ours. It takes explicitly what the stock forward cannot express:
 With a bidirectional plan and no cache the output equals the stock forward on the same weights
 (tests/test_transformer.py uses the stock class as the oracle).
 
-Shapes: videos are [B, F, C, H, W] (design §3); tokens per frame T = (H/ph)(W/pw) are derived, never
+Shapes: videos are [B, F, C, H, W] (architecture.md §3); tokens per frame T = (H/ph)(W/pw) are derived, never
 assumed; the token sequence is frame-major, [B, F*T, D].
 """
 
@@ -67,7 +67,7 @@ class CausalWanTransformer(WanTransformer3DModel):
             positions: absolute frame positions [F]; default 0..F-1, or cache.end + 0..F-1 with a cache.
             cache: streaming context. Read-only unless `commit`.
             commit: stage this forward's K/V in the cache and commit them as frames `positions`.
-            clean: teacher forcing (spec §3.3): the clean copy [B, F, C, H, W] packed before x; it gets
+            clean: teacher forcing (method.md §3.3): the clean copy [B, F, C, H, W] packed before x; it gets
                 sigma `clean_sigma` (default 0) and the same RoPE positions; only x's half is returned.
             frame_emb: per-frame embedding [B, F, D] added to the time embedding (actions).
         """
@@ -103,7 +103,7 @@ class CausalWanTransformer(WanTransformer3DModel):
             if clean.shape != x.shape:
                 raise ValueError(f"clean copy {tuple(clean.shape)} must match x {tuple(x.shape)}")
             clean_sigma = torch.zeros_like(sigma) if clean_sigma is None else _check_sigma(clean_sigma, B, Fn)
-            x = torch.cat([clean, x], dim=1)  # [B, 2F, C, H, W]: clean copy first (spec §3.3)
+            x = torch.cat([clean, x], dim=1)  # [B, 2F, C, H, W]: clean copy first (method.md §3.3)
             sigma = torch.cat([clean_sigma, sigma], dim=1)  # [B, 2F]
             positions = torch.cat([positions, positions])  # twins share temporal positions
             if frame_emb is not None:
@@ -170,7 +170,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         """3-axis RoPE from absolute positions (no table, so an unbounded stream never runs past it).
 
         Same frequencies as diffusers' `WanRotaryPosEmbed` (head dim split t/h/w, theta 1e4), but the
-        temporal axis is indexed by `positions` instead of 0..F-1 (spec §3.2 `causal_rope_apply`).
+        temporal axis is indexed by `positions` instead of 0..F-1 (method.md §3.2 `causal_rope_apply`).
         """
         hd = self.config.attention_head_dim
         h_dim = w_dim = 2 * (hd // 6)

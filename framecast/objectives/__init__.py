@@ -1,4 +1,4 @@
-"""Objectives: `(networks, batch) -> {name: (loss, logs)}` (aesthetics §3.3).
+"""Objectives: `(networks, batch) -> {name: (loss, logs)}` (architecture.md §2).
 
 An objective receives its networks from the pipeline (never builds them), declares which of them train
 (`roles`, one optimiser each, keyed by the loss name) and returns named losses per step. The trainer

@@ -1,4 +1,4 @@
-"""Stage 2b: causal consistency distillation (Causal Forcing++, spec §6).
+"""Stage 2b: causal consistency distillation (Causal Forcing++, method.md §6).
 
 Per step, for clean ground-truth videos x_gt and one grid index n ~ U{0..N-2} per video (all its frames):
 
@@ -10,9 +10,9 @@ Per step, for clean ground-truth videos x_gt and one grid index n ~ U{0..N-2} pe
 
 The teacher T is the frozen Stage-1 AR model, the context is the clean ground truth through the
 teacher-forcing plan, and the sigmas are the exact fp32 grid (the reference's bf16 timesteps make its
-first Euler step ~6 % short, spec §12.6). The grid must contain the few-step sigmas (spec §12.3). The pair
+first Euler step ~6 % short, method.md §12.6). The grid must contain the few-step sigmas (method.md §12.3). The pair
 (N-1 -> N) is never trained: the map near sigma 0 is anchored by the x - s v parameterisation and the
-Stage-1 initialisation (spec §12.5). After every student update the target moves towards it with
+Stage-1 initialisation (method.md §12.5). After every student update the target moves towards it with
 `target_decay` (`after_update`, called by the trainer) and is saved with the checkpoint (`state_modules`).
 """
 
@@ -63,7 +63,7 @@ class CausalCD:
 
     @torch.no_grad()
     def after_update(self, name: str) -> None:
-        """theta^- <- d theta^- + (1 - d) theta, after each student step (spec §6)."""
+        """theta^- <- d theta^- + (1 - d) theta, after each student step (method.md §6)."""
         for t, s in zip(self.target.parameters(), self.model.parameters()):
             t.lerp_(s.detach().to(t.dtype), 1.0 - self.decay)
 

@@ -1,4 +1,4 @@
-"""Flow matching for Stage 0 (bidirectional) and Stage 1 (AR diffusion), spec §4.
+"""Flow matching for Stage 0 (bidirectional) and Stage 1 (AR diffusion), method.md §4.
 
     x_s = (1 - s) x0 + s eps,  target v* = eps - x0,  L = mean_{B,F}[ w(s_f) mean_{C,H,W} (v - v*)^2 ]
 

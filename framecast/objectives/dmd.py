@@ -1,22 +1,22 @@
-"""Stage 3: asymmetric DMD with self-rollout (Self Forcing, kept unchanged by Causal Forcing; spec §7).
+"""Stage 3: asymmetric DMD with self-rollout (Self Forcing, kept unchanged by Causal Forcing; method.md §7).
 
 Networks: the causal few-step generator G (role `model`), a bidirectional fake score / critic (role
-`critic`, initialised from the bidirectional base, spec §7.1) and the frozen bidirectional real score.
+`critic`, initialised from the bidirectional base, method.md §7.1) and the frozen bidirectional real score.
 
-Self-rollout (spec §7.2). The generator streams the whole video through `rollout` with the `few_step`
+Self-rollout (method.md §7.2). The generator streams the whole video through `rollout` with the `few_step`
 sampler and its KV cache: one random exit step e per iteration shared by all blocks (the first block draws
-its own e0 for its own schedule, spec §7.6), only the exit forward keeps grad, the context is committed
-without grad. The data are never used: DMD is data-free (spec §12.19).
+its own e0 for its own schedule, method.md §7.6), only the exit forward keeps grad, the context is committed
+without grad. The data are never used: DMD is data-free (method.md §12.19).
 
-Generator loss (spec §7.3), one sigma per video, s = clamp(shift(U{0..999}/1000), min, max):
+Generator loss (method.md §7.3), one sigma per video, s = clamp(shift(U{0..999}/1000), min, max):
 
     x_s = (1 - s) x~ + s eps;   x_fake = D_fake(x_s, s);   x_real = cfg(D_real(x_s, s))        no grad
     g   = (x_fake - x_real) / mean_{F,C,H,W} |x~ - x_real|                                     per video
     L_G = 0.5 mean (x~ - sg(x~ - g))^2              =>  dL_G / dx~ = g / numel
 
-Critic loss (spec §7.4): flow matching on the detached rollout, mean (v_fake(x_s, s) - (eps - x~))^2.
+Critic loss (method.md §7.4): flow matching on the detached rollout, mean (v_fake(x_s, s) - (eps - x~))^2.
 
-Schedule (spec §7.5): every step trains the critic; every `critic_ratio`-th step (step % ratio == 0) also
+Schedule (method.md §7.5): every step trains the critic; every `critic_ratio`-th step (step % ratio == 0) also
 trains the generator. Here both use the same rollout in a generator step (the reference draws a second
 batch for the critic), which saves one rollout per generator step on CPU. The trainer steps only the
 optimisers whose names a step returns, and updates the generator's EMA only on its own steps.
@@ -55,7 +55,7 @@ class AsymmetricDMD:
         self.roles = {"model": model, "critic": critic}
 
     def exit_steps(self, generator: torch.Generator) -> tuple[int, int | None]:
-        """One exit index for every block, and its own for the first block's schedule (spec §12.12)."""
+        """One exit index for every block, and its own for the first block's schedule (method.md §12.12)."""
         e = int(torch.randint(0, len(self.sigmas), (1,), generator=generator))
         e0 = None
         if self.first_sigmas is not None:
@@ -63,7 +63,7 @@ class AsymmetricDMD:
         return e, e0
 
     def self_rollout(self, batch: Batch, generator: torch.Generator) -> Tensor:
-        """x~ [B, F, C, H, W]: the generator's own video, stopped at a random exit step (spec §7.2)."""
+        """x~ [B, F, C, H, W]: the generator's own video, stopped at a random exit step (method.md §7.2)."""
         e, e0 = self.exit_steps(generator)
         noise = torch.randn(batch.video.shape, generator=generator).to(batch.video)
         return generate(self.model, noise, batch.cond, sampler=few_step, sigmas=self.sigmas,
@@ -72,7 +72,7 @@ class AsymmetricDMD:
                         generator=generator)
 
     def dmd_sigma(self, batch_size: int, generator: torch.Generator) -> Tensor:
-        """[B] one level per video: shift(U{0..T-1} / T) clamped to [min, max] (spec §7.3, §12.11)."""
+        """[B] one level per video: shift(U{0..T-1} / T) clamped to [min, max] (method.md §7.3, §12.11)."""
         u = torch.randint(0, self.T, (batch_size,), generator=generator).double() / self.T
         return flow.shift(u, self.shift).clamp(self.sigma_min, self.sigma_max).float()
 
@@ -84,7 +84,7 @@ class AsymmetricDMD:
     def generator_loss(self, x: Tensor, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict]:
         xs, s, _ = self._noised(x.detach(), generator)
         with torch.no_grad():
-            x_fake = self.critic.x0(xs, s, batch.cond)  # fake score: no CFG (spec §12.1)
+            x_fake = self.critic.x0(xs, s, batch.cond)  # fake score: no CFG (method.md §12.1)
             g = Guidance(self.real_guidance, batch.null) if self.real_guidance != 1.0 else None
             x_real = self.real.x0(xs, s, batch.cond, guidance=g)
             norm = (x.detach() - x_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)  # [B, 1, 1, 1, 1]

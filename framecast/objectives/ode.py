@@ -1,21 +1,21 @@
-"""Stage 2a: ODE initialisation of a few-step generator (spec §5, §9.1).
+"""Stage 2a: ODE initialisation of a few-step generator (method.md §5, §9.1).
 
 Pairs. The teacher's probability-flow ODE is solved with Euler on an N-step shifted grid (with CFG) from
 sigma 1, keeping the states at the few-step anchor sigmas, the endpoint and the clean video:
 
 * causal (Causal Forcing): the Stage-1 **AR teacher**, per block, with the ground-truth clean prefix as
-  context (spec §5.1, §12.17). Two modes give the same pairs (tested to fp32 tolerance):
+  context (method.md §5.1, §12.17). Two modes give the same pairs (tested to fp32 tolerance):
   `cached`, block by block through `rollout` with the KV cache holding the ground-truth blocks < b, and
   `packed`, all blocks at once under the teacher-forcing plan (the reference's "full" mode).
 * bidirectional (Self Forcing / CausVid baseline): the bidirectional base solves the whole video jointly,
   so frame i's endpoint depends on the noise of later frames (P1 Lemma 3.2).
 
-Regression (spec §5.2). x0_hat = G(x_{s_j}, s_j) against the stored endpoint, x0-space MSE:
+Regression (method.md §5.2). x0_hat = G(x_{s_j}, s_j) against the stored endpoint, x0-space MSE:
 
 * causal: one anchor index j per video shared by all frames, clean ground-truth context through the
   teacher-forcing plan, so the target is a function of the student's inputs (frame-level injective);
 * bidirectional baseline: an independent anchor per block and the *noisy same-trajectory* frames as
-  context under the block-causal plan (SF `uniform_timestep=False`, spec §11). The student cannot see
+  context under the block-causal plan (SF `uniform_timestep=False`, method.md §11). The student cannot see
   the future noise its targets depend on, so it learns the conditional expectation (P1 Prop. 3.3).
 """
 
@@ -67,7 +67,7 @@ def _packed(teacher, noise: Tensor, cond: Cond, sig: Tensor, idx: list[int], gui
 def generate_pairs(teacher, x_gt: Tensor, cond: Cond, noise: Tensor, *, block_size: int, steps: int, shift: float,
                    anchors: Tensor, guidance: Guidance | None = None, mode: str = "cached",
                    teacher_kind: str = "causal") -> ODEPairs:
-    """Solve the teacher's ODE from `noise` (sigma 1) and keep the states at `anchors` (spec §5.1)."""
+    """Solve the teacher's ODE from `noise` (sigma 1) and keep the states at `anchors` (method.md §5.1)."""
     sig = flow.grid(steps, shift)
     idx = flow.grid_indices(anchors.to(torch.float64), steps, shift)  # fails loudly if anchors are off the grid
     sig32 = sig.float()
@@ -114,9 +114,9 @@ class ODERegression:
         B, A, F = states.shape[:3]
         if A != len(self.anchors):
             raise ValueError(f"pair store has {A} anchors, the objective expects {len(self.anchors)}")
-        if self.kind == "causal":  # one anchor per video, shared by all frames (spec §5.2)
+        if self.kind == "causal":  # one anchor per video, shared by all frames (method.md §5.2)
             j = torch.randint(0, A, (B, 1), generator=generator).expand(B, F)  # [B, F]
-        else:  # independent anchor per block (SF, spec §11); frames of a block share it (spec §12.23)
+        else:  # independent anchor per block (SF, method.md §11); frames of a block share it (method.md §12.23)
             nb = -(-F // self.block_size)
             j = torch.randint(0, A, (B, nb), generator=generator).repeat_interleave(self.block_size, 1)[:, :F]
         j = j.to(states.device)

@@ -1,4 +1,4 @@
-"""`framecast play`: a live world model in the browser (issue: world model, point 4; design §4).
+"""`framecast play`: a live world model in the browser (issue: world model, point 4; architecture.md §4).
 
     framecast play --ckpt runs/minigrid/dmd_2step --start data/minigrid_eval      # then open http://127.0.0.1:8000
 
@@ -18,7 +18,7 @@ Protocol (JSON text from the page, binary frames and JSON notices from the serve
                                 "cached": frames in the KV cache, "rss_mb": server resident memory}
               {"type": "error", "error": "..."}                    a malformed message; it is ignored
 
-No key held means the "stay" action where the model has one (research/world_model.md: the null action means
+No key held means the "stay" action where the model has one (docs/world_model.md: the null action means
 "unknown action", so a world conditioned on it keeps moving), else the null action. The KV cache keeps at
 most `window` frames (default: the checkpoint's window, else its training clip length), so memory is flat
 for a session of any length. At most `max_sessions` players at once; the next one gets an error and a

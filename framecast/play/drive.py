@@ -2,7 +2,7 @@
 benchmarks/play_browser.py share this).
 
 Chromium is Debian's (`apt-get install chromium`), driven through Python playwright with `executable_path`;
-`playwright install` downloads browsers and is never used (research/ecosystem.md, browser testing). The numbers
+`playwright install` downloads browsers and is never used (docs/architecture.md, dependencies, browser testing). The numbers
 are what the page itself saw: frames per second between frame arrivals, first-frame latency from page load,
 key-to-frame latency from the key event to the first frame that answers it, and the server's resident memory
 reported in each frame's header.

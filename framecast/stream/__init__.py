@@ -1,4 +1,4 @@
-"""Streaming sessions: one live, stateful stream over a causal model (design §4, issue: world model, point 5).
+"""Streaming sessions: one live, stateful stream over a causal model (architecture.md §4, issue: world model, point 5).
 
     from framecast.stream import Session
     s = Session.from_checkpoint("runs/quickstart/dmd_2step", window=8)

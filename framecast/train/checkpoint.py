@@ -1,4 +1,4 @@
-"""Atomic, self-describing checkpoints (design §5).
+"""Atomic, self-describing checkpoints (architecture.md §5).
 
     <run>/ckpt/step_0000100/
         meta.json               stage, step, resolved config, sampling info (block size, schedule, ...)

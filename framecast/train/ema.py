@@ -7,7 +7,7 @@ from torch import nn
 
 
 class EMA:
-    """Shadow copy in fp32: theta_ema <- d * theta_ema + (1 - d) * theta (spec §6, §7.5)."""
+    """Shadow copy in fp32: theta_ema <- d * theta_ema + (1 - d) * theta (method.md §6, §7.5)."""
 
     def __init__(self, module: nn.Module, decay: float) -> None:
         if not 0.0 <= decay < 1.0:

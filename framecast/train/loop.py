@@ -1,4 +1,4 @@
-"""The method-agnostic training loop (aesthetics §3.10).
+"""The method-agnostic training loop (architecture.md §2).
 
 It knows roles (trainable networks by loss name), optimisers, EMA, clipping, accumulation, logging,
 samples and checkpoints; it does not know which method it trains. Per step:
@@ -232,7 +232,7 @@ class Trainer:
                 if name in self.ema and step >= t.ema_start:
                     if name in self.ema_live:
                         self.ema[name].update(self.roles[name])
-                    else:  # the EMA is created from the weights at its first update after ema_start (spec §7.5)
+                    else:  # the EMA is created from the weights at its first update after ema_start (method.md §7.5)
                         self.ema[name].reset(self.roles[name])
                         self.ema_live.add(name)
                 if hasattr(self.objective, "after_update"):
