@@ -74,13 +74,13 @@ def main(argv=None) -> int:
 
     from framecast import config as C
     from framecast.models.conditioning import build_text_encoder
-    from framecast.pipeline import build_denoiser, load_model, sampling_meta, text_encoder_for
+    from framecast.generate import build_denoiser
+    from framecast.stages import sampling_spec
     from framecast.stream import Session
 
     ckpt = Path(args.runs) / "minigrid" / "dmd_2step"
     if ckpt.exists():
-        model, meta, cfg = load_model(ckpt, device=dev)
-        s = Session(model, meta["sampling"], text_encoder=text_encoder_for(cfg, meta["sampling"]), window=8)
+        s = Session.from_checkpoint(ckpt, device=dev, window=8)
         res["minigrid_session"] = timed_session(s, args.frames, [2, 2, 0, 3, 1, 2], sync)
         print("minigrid session", res["minigrid_session"], flush=True)
         save()
@@ -89,16 +89,16 @@ def main(argv=None) -> int:
     for steps in ([1000, 500], [1000]):
         over = ["stage=dmd", "model.preset=wan2.1-1.3b", "model.num_actions=4", "data.name=episodes",
                 "data.height=60", "data.width=104", "data.text_encoder=hash", "data.text_tokens=16",
-                "objective.window=6", f"distill.denoising_steps=[{','.join(map(str, steps))}]"]
+                "objective.window=6", f"few_step.denoising_steps=[{','.join(map(str, steps))}]"]
         cfg = C.load(ROOT / "configs" / "toy.yaml", over)
-        meta = sampling_meta(cfg)
+        spec = sampling_spec(cfg)
         key = f"wan1.3b_{len(steps)}step"
         for dtype in (torch.bfloat16, torch.float32):
             try:
                 torch.manual_seed(0)
                 model = build_denoiser(cfg.model, dev).to(dtype).eval()
                 enc = build_text_encoder("hash", cfg.model.text_dim, 16, 0)
-                s = Session(model, meta, text_encoder=enc)
+                s = Session(model, spec, text_encoder=enc)
                 torch.cuda.reset_peak_memory_stats() if dev == "cuda" else None
                 r = timed_session(s, args.wan_frames, [2, 2, 0, 3, 1, 2], sync)
                 r["dtype"] = str(dtype)

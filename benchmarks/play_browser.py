@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     with Server(world) as server:
         speed = drive(server.url, frames=args.frames, script=SPEED_SCRIPT, chromium=exe, timeout_s=1800)
     speed.pop("canvas")
-    result = {"ckpt": args.ckpt, "threads": args.threads, "window": world.window, "steps": world.meta["steps"],
+    result = {"ckpt": args.ckpt, "threads": args.threads, "window": world.window, "steps": world.spec.steps,
               "speed": speed}
     print(json.dumps(result, indent=1))
     if args.gif:

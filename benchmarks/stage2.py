@@ -32,7 +32,7 @@ from framecast.models.conditioning import Cond
 from framecast.models.denoiser import Guidance
 from framecast.objectives.consistency import CausalCD
 from framecast.objectives.ode import ODERegression, generate_pairs
-from framecast.pipeline import build_denoiser
+from framecast.generate import build_denoiser
 
 
 def timed(fn, reps: int) -> float:

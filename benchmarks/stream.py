@@ -30,7 +30,7 @@ from framecast import flow
 from framecast.models.attention import AttentionPlan
 from framecast.models.conditioning import Cond
 from framecast.models.transformer import forward_flops
-from framecast.pipeline import build_denoiser
+from framecast.generate import build_denoiser
 from framecast.rollout import rollout
 from framecast.sampling import euler
 

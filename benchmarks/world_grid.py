@@ -3,7 +3,7 @@
     python benchmarks/world_grid.py --runs runs/minigrid --eval data/minigrid_eval --out docs/img/world_model_open_loop.png
 
 Each block is one held-out episode: the first row is the recording, the others are the stages given its
-first frame and its recorded actions (open loop, eval/world.py open_loop); the action that leads to each
+first frame and its recorded actions (open loop, eval/world's open_loop); the action that leads to each
 frame is written above it.
 """
 
@@ -22,7 +22,7 @@ def main(argv=None) -> int:
 
     from framecast.data.envs import load_episodes
     from framecast.eval import world as W
-    from framecast.pipeline import load_model, text_encoder_for
+    from framecast.generate import load
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="runs/minigrid")
@@ -45,9 +45,7 @@ def main(argv=None) -> int:
         if not path.exists():
             print(f"skip {stage}: no {path}")
             continue
-        model, meta, cfg = load_model(path)
-        sm = meta["sampling"]
-        out = W.open_loop(model, sm, text_encoder_for(cfg, sm), frames, actions, context=1)  # [E, F-1, ...]
+        out = W.open_loop(load(path), frames, actions, context=1)  # decoded [E, F-1, 3, H, W]
         rows.append((LABELS.get(stage, stage), torch.cat([W.to_video(frames[:, :1]), out], 1)))
     E, F, _, H, Wd = frames.shape
     s, label_w, head = args.scale, 110, 14

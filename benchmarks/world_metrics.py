@@ -1,14 +1,14 @@
-"""World-model metrics of every pipeline stage on held-out recorded episodes (issue: world model, point 3).
+"""World-model metrics of every recipe stage on held-out recorded episodes (docs/world_model.md, metrics).
 
     python benchmarks/world_metrics.py                                   # runs/minigrid, 64 held-out episodes
     python benchmarks/world_metrics.py --stages stage1 dmd_2step --episodes 16 --threads 2
 
-For each stage with a checkpoint under --runs, eval/world.py's world_metrics: open loop from `--context` clean
-frames of each held-out episode under the recorded actions and under actions shuffled across episodes (PSNR,
-SSIM, ΔPSNR), an inverse-dynamics model and a state probe trained on the REAL training recording reading the
-generated frames, and MiniGrid loop closure (docs/world_model.md, metrics). The rows "real frames" (ceiling)
-and "floor" put the numbers on a scale: the IDM on real held-out transitions vs their actions / vs shuffled
-actions, the probe on real frames / its best constant guess.
+For each stage with a checkpoint under --runs (loaded with generate.load), eval/world's world_metrics: open
+loop from `--context` clean frames of each held-out episode under the recorded actions and under actions
+shuffled across episodes (PSNR, SSIM, ΔPSNR), an inverse-dynamics model and a state probe trained on the
+REAL training recording reading the generated frames, and MiniGrid loop closure (docs/world_model.md,
+metrics). The rows "real frames" (ceiling) and "floor" put the numbers on a scale: the IDM on real held-out
+transitions vs their actions / vs shuffled actions, the probe on real frames / its best constant guess.
 
 The IDM and probe are trained once and cached under --cache (default <runs>/eval_cache). Writes
 <out>.json (everything, per-horizon curves included) and <out>.md (the table), after every stage, so a
@@ -17,7 +17,7 @@ named again are kept, so later stages can be added as they finish. Stages withou
 with a message; a stage whose newest checkpoint is not its last step is evaluated and marked unfinished.
 
 stage0 is bidirectional: trained with one noise level for the whole clip, it never saw a clean frame next
-to noisy ones. pipeline.sample still gives it clean context frames (committed to the KV cache, the clip
+to noisy ones. generate.sample still gives it clean context frames (committed to the KV cache, the clip
 generated as one block attending to them, I2V-style), so it is evaluated that way and marked: its numbers
 say how the teacher does in a setting it was not trained for, not how good its clips are.
 """
@@ -35,7 +35,7 @@ import torch
 
 from framecast.data.envs import load_episodes
 from framecast.eval import world as W
-from framecast.pipeline import load_model, text_encoder_for
+from framecast.generate import load
 from framecast.train import checkpoint as ckpt
 
 STAGES = ["stage0", "stage1", "cd", "dmd_1step", "dmd_2step", "ode_sf", "dmd_sf_2step"]
@@ -79,68 +79,52 @@ def readable(ref: dict, key: str) -> bool:
     return real > const + 0.1 if key.endswith("_acc") else real < 0.75 * const
 
 
-def table(result: dict) -> str:
-    fields = result["probe"]["fields"]
-    kinds = result["probe"]["kinds"]
-    probe_keys = [f"probe_{f}_{'acc' if k == 'class' else 'mae'}" for f, k in zip(fields, kinds)]
-    probe_heads = [f"{f} {'acc' if k == 'class' else 'MAE'}" for f, k in zip(fields, kinds)]
-    ref = result["reference"]
-    layout = "layout_acc_frozen" in ref  # MiniGrid: the colour-rule layout probe
-    lay_heads = ["layout acc", "ahead MAE"] if layout else []
-    head = (["stage", "step", "PSNR", "PSNR shuf", "ΔPSNR", "PSNR h=1", "PSNR h=last", "SSIM", "IDM acc",
-             "IDM acc shuf", "IDM follows shuf"] + lay_heads + probe_heads + ["loop 4 turns", "2 turns", "stay x4",
-                                                                             "eval s"])
-    rows = []
-    rows.append(["real frames (ceiling)", "", "∞", "", "", "", "", "1.00", _fmt(ref["idm_acc"], 3), "", ""]
-                + (["1.00", "0"] if layout else []) + [_fmt(ref[k]) for k in probe_keys] + ["∞", "", "∞", ""])
-    rows.append(["floor (shuffled actions / constant / frozen world)", "", "", "", "0", "", "", "",
-                 _fmt(ref["idm_acc_shuffled"], 3), "", ""]
-                + ([_fmt(ref["layout_acc_frozen"], 3), _fmt(ref["ahead_mae_frozen"])] if layout else [])
-                + [_fmt(ref[k + "_const"]) for k in probe_keys] + ["", "", "", ""])
-    for name, r in result["stages"].items():
-        if "skipped" in r:
-            continue
-        m = r["metrics"]
-        loop = m.get("loop") or {}
-        mark = "" if r["finished"] else " (unfinished)"
-        mark += " †" if r.get("note") else ""
-        rows.append([name + mark, str(r["step"]), _fmt(m["psnr"]), _fmt(m["psnr_shuffled"]), _fmt(m["delta_psnr"]),
-                     _fmt(m["psnr_by_horizon"][0]), _fmt(m["psnr_by_horizon"][-1]), _fmt(m["ssim"], 3),
-                     _fmt(m.get("idm_acc"), 3), _fmt(m.get("idm_acc_shuffled"), 3),
-                     _fmt(m.get("idm_acc_followed_shuffled"), 3)]
-                    + ([f"{_fmt(m.get(k), 3)} / {_fmt(m.get(k + '_shuffled'), 3)}" for k in ("layout_acc", "ahead_mae")]
-                       if layout else [])
-                    + [f"{_fmt(m.get(k))} / {_fmt(m.get(k + '_shuffled'))}" for k in probe_keys]
-                    + [_fmt(loop.get("loop_psnr")), _fmt(loop.get("half_turn_psnr")), _fmt(loop.get("stay_psnr")),
-                       f"{r['seconds']:.0f}"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    s = result["settings"]
-    notes = [
-        f"# World-model metrics ({s['eval']}, first {s['episodes']} episodes, context {s['context']}, "
-        f"seed {s['seed']})",
-        "",
-        f"Command (latest run; each stage's own is in the JSON): `{s['command']}`",
-        "",
-        "\n".join(lines),
-        "",
-        "PSNR/SSIM: open loop vs the recorded frames (mean over generated frames; h = steps after the context). "
-        "ΔPSNR = PSNR(recorded actions) − PSNR(shuffled actions) (docs/world_model.md, metrics). "
-        "IDM acc: the inverse-dynamics model (trained on real transitions of "
-        f"{s['train']}) on generated transitions vs the recorded actions; 'shuf' reads the shuffled-action rollout "
-        "against the recorded actions (equal to IDM acc for a model that ignores actions); 'follows shuf' against "
-        "the shuffled actions it was given. Probe columns: model / shuffled-action rollout, vs the recorded state "
-        "(accuracy for class fields, mean absolute error in the field's units otherwise). Layout (MiniGrid, a "
-        "colour rule): the 7x7 cells of the view read as unseen / floor / wall, generated vs recorded (cell "
-        "accuracy) and the error in free cells straight ahead, model / shuffled-action rollout; its floor is a "
-        "world that never moves (the context frame held still). Loop closure (MiniGrid): "
-        "PSNR to the start view after 4 turns (the same view in the real world), after 2 turns (the opposite "
-        "view: the scale of a different view) and after 4 stays.",
-        "",
-        f"IDM: {result['idm']['steps']} steps, training loss {result['idm']['final_loss']:.3f}; probe: "
-        f"{result['probe']['steps']} steps, training loss {result['probe']['final_loss']:.3f}.",
-    ]
-    blind = [f for f, k in zip(fields, probe_keys) if not readable(ref, k)]
+def _reference_rows(ref: dict, probe_keys: list[str], layout: bool) -> list[list[str]]:
+    """The ceiling (real frames) and floor (shuffled actions / constant guess / frozen world) rows."""
+    return [["real frames (ceiling)", "", "∞", "", "", "", "", "1.00", _fmt(ref["idm_acc"], 3), "", ""]
+            + (["1.00", "0"] if layout else []) + [_fmt(ref[k]) for k in probe_keys] + ["∞", "", "∞", ""],
+            ["floor (shuffled actions / constant / frozen world)", "", "", "", "0", "", "", "",
+             _fmt(ref["idm_acc_shuffled"], 3), "", ""]
+            + ([_fmt(ref["layout_acc_frozen"], 3), _fmt(ref["ahead_mae_frozen"])] if layout else [])
+            + [_fmt(ref[k + "_const"]) for k in probe_keys] + ["", "", "", ""]]
+
+
+def _stage_row(name: str, r: dict, probe_keys: list[str], layout: bool) -> list[str]:
+    m = r["metrics"]
+    loop = m.get("loop") or {}
+    mark = "" if r["finished"] else " (unfinished)"
+    mark += " †" if r.get("note") else ""
+    return ([name + mark, str(r["step"]), _fmt(m["psnr"]), _fmt(m["psnr_shuffled"]), _fmt(m["delta_psnr"]),
+             _fmt(m["psnr_by_horizon"][0]), _fmt(m["psnr_by_horizon"][-1]), _fmt(m["ssim"], 3),
+             _fmt(m.get("idm_acc"), 3), _fmt(m.get("idm_acc_shuffled"), 3),
+             _fmt(m.get("idm_acc_followed_shuffled"), 3)]
+            + ([f"{_fmt(m.get(k), 3)} / {_fmt(m.get(k + '_shuffled'), 3)}" for k in ("layout_acc", "ahead_mae")]
+               if layout else [])
+            + [f"{_fmt(m.get(k))} / {_fmt(m.get(k + '_shuffled'))}" for k in probe_keys]
+            + [_fmt(loop.get("loop_psnr")), _fmt(loop.get("half_turn_psnr")), _fmt(loop.get("stay_psnr")),
+               f"{r['seconds']:.0f}"])
+
+
+LEGEND = (
+    "PSNR/SSIM: open loop vs the recorded frames (mean over generated frames; h = steps after the context). "
+    "ΔPSNR = PSNR(recorded actions) − PSNR(shuffled actions) (docs/world_model.md, metrics). "
+    "IDM acc: the inverse-dynamics model (trained on real transitions of "
+    "{train}) on generated transitions vs the recorded actions; 'shuf' reads the shuffled-action rollout "
+    "against the recorded actions (equal to IDM acc for a model that ignores actions); 'follows shuf' against "
+    "the shuffled actions it was given. Probe columns: model / shuffled-action rollout, vs the recorded state "
+    "(accuracy for class fields, mean absolute error in the field's units otherwise). Layout (MiniGrid, a "
+    "colour rule): the 7x7 cells of the view read as unseen / floor / wall, generated vs recorded (cell "
+    "accuracy) and the error in free cells straight ahead, model / shuffled-action rollout; its floor is a "
+    "world that never moves (the context frame held still). Loop closure (MiniGrid): "
+    "PSNR to the start view after 4 turns (the same view in the real world), after 2 turns (the opposite "
+    "view: the scale of a different view) and after 4 stays.")
+
+
+def _notes(result: dict, fields: list[str], probe_keys: list[str]) -> list[str]:
+    """What follows the table: training of the IDM / probe, unreadable probe fields, marked and skipped stages."""
+    notes = ["", f"IDM: {result['idm']['steps']} steps, training loss {result['idm']['final_loss']:.3f}; probe: "
+                 f"{result['probe']['steps']} steps, training loss {result['probe']['final_loss']:.3f}."]
+    blind = [f for f, k in zip(fields, probe_keys) if not readable(result["reference"], k)]
     if blind:
         notes += ["", f"The probe cannot read {', '.join(blind)} from one real frame (its ceiling is within reach of "
                       "the best constant guess), so those columns say nothing about the models here. MiniGrid's "
@@ -151,6 +135,27 @@ def table(result: dict) -> str:
         notes += ["", *noted]
     if skipped:
         notes += ["", "Skipped:", *skipped]
+    return notes
+
+
+def table(result: dict) -> str:
+    fields = result["probe"]["fields"]
+    kinds = result["probe"]["kinds"]
+    probe_keys = [f"probe_{f}_{'acc' if k == 'class' else 'mae'}" for f, k in zip(fields, kinds)]
+    probe_heads = [f"{f} {'acc' if k == 'class' else 'MAE'}" for f, k in zip(fields, kinds)]
+    layout = "layout_acc_frozen" in result["reference"]  # MiniGrid: the colour-rule layout probe
+    lay_heads = ["layout acc", "ahead MAE"] if layout else []
+    head = (["stage", "step", "PSNR", "PSNR shuf", "ΔPSNR", "PSNR h=1", "PSNR h=last", "SSIM", "IDM acc",
+             "IDM acc shuf", "IDM follows shuf"] + lay_heads + probe_heads + ["loop 4 turns", "2 turns", "stay x4",
+                                                                             "eval s"])
+    rows = _reference_rows(result["reference"], probe_keys, layout)
+    rows += [_stage_row(name, r, probe_keys, layout) for name, r in result["stages"].items() if "skipped" not in r]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    s = result["settings"]
+    notes = [f"# World-model metrics ({s['eval']}, first {s['episodes']} episodes, context {s['context']}, "
+             f"seed {s['seed']})", "", f"Command (latest run; each stage's own is in the JSON): `{s['command']}`",
+             "", "\n".join(lines), "", LEGEND.format(train=s["train"]), *_notes(result, fields, probe_keys)]
     return "\n".join(notes) + "\n"
 
 
@@ -185,28 +190,27 @@ def kept(out: Path, args) -> dict:
 def evaluate_stage(path: Path, ep: dict, idm, probe, args) -> dict:
     if not (path / "ckpt" / "latest").is_file():
         return {"skipped": f"no checkpoint under {path}/ckpt"}
-    model, meta, cfg = load_model(path)
-    sampling = meta["sampling"]
+    model = load(path)
+    spec, cfg = model.spec, model.config
     manifest = ep["manifest"]
     if cfg.model.num_actions != manifest["null_action"]:
         return {"skipped": f"model.num_actions={cfg.model.num_actions}, the recording has {manifest['null_action']} "
                            f"actions"}
-    if list(sampling["frame_shape"]) != list(ep["frames"].shape[2:]):
-        return {"skipped": f"the model makes {sampling['frame_shape']} frames, the recording has "
+    if list(spec.pixel_shape) != list(ep["frames"].shape[2:]):
+        return {"skipped": f"the model makes {list(spec.pixel_shape)} frames, the recording has "
                            f"{list(ep['frames'].shape[2:])}"}
-    step, steps = meta.get("step"), cfg.train.steps
-    kw = {"steps": args.steps} if args.steps and not sampling.get("few_step") else {}
-    if sampling["causal"]:  # stream as play does: a rolling cache of the training clip length (relative offsets
+    step, steps = ckpt.read_meta(model.path).get("step"), cfg.train.steps
+    kw = {"steps": args.steps} if args.steps and not spec.few_step else {}
+    if spec.causal:  # stream as play does: a rolling cache of the training clip length (relative offsets
         # beyond it were never trained; docs/world_model.md, metrics long-horizon drift)
-        kw["window"] = sampling["num_frames"] if args.window < 0 else args.window
+        kw["window"] = spec.stream_window(None if args.window < 0 else args.window)
     t0 = time.perf_counter()
-    m = W.world_metrics(model, sampling, text_encoder_for(cfg, sampling), ep, idm, probe, context=args.context,
-                        seed=args.seed, episodes=args.episodes, loop_starts=args.loop_starts, **kw)
-    return {"checkpoint": str(ckpt.resolve(path)), "step": step, "finished": step == steps, "train_steps": steps,
-            "mode": sampling["mode"], "sampler": sampling["sampler"],
-            "sampling_steps": kw.get("steps", sampling["steps"]), "window": kw.get("window"),
-            "guidance": sampling["guidance"], "note": None if sampling["causal"] else BIDIRECTIONAL_NOTE,
-            "seconds": time.perf_counter() - t0, "metrics": m}
+    m = W.world_metrics(model, ep, idm, probe, context=args.context, seed=args.seed, episodes=args.episodes,
+                        loop_starts=args.loop_starts, **kw)
+    return {"checkpoint": str(model.path), "step": step, "finished": step == steps, "train_steps": steps,
+            "mode": spec.mode, "sampler": spec.sampler, "sampling_steps": kw.get("steps", spec.steps),
+            "window": kw.get("window"), "guidance": spec.guidance,
+            "note": None if spec.causal else BIDIRECTIONAL_NOTE, "seconds": time.perf_counter() - t0, "metrics": m}
 
 
 def main(argv=None) -> int:

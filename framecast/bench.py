@@ -25,15 +25,16 @@ from tqdm.auto import tqdm
 
 from .eval import features as Fe
 from .eval import toy as T
+from .generate import LoadedModel, load
 from .media import labelled_rows
-from .models.conditioning import Cond
 from .objectives.ode import pair_seconds
-from .pipeline import load_model, run_recipe, sample, stream, text_encoder_for
+from .recipe import run_recipe
 from .train.loop import read_log
 
 BENCH_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "bench_toy.yaml"
+SUITES = {"toy": BENCH_RECIPE}  # `framecast bench <suite>`
 SMOKE = ["name=bench_smoke", "train.steps=3", "train.batch_size=2", "train.sample_every=0", "train.ckpt_every=0",
-         "train.log_every=1", "distill.num_pairs=4", "distill.shard_size=2"]
+         "train.log_every=1", "ode.num_pairs=4", "ode.shard_size=2"]
 
 
 @dataclass(frozen=True)
@@ -78,14 +79,14 @@ def stage_seconds(run_dir: Path) -> float:
 
 
 @torch.no_grad()
-def timing(model, meta, enc, caption: str, num_frames: int, steps: int | None, batch: int, repeats: int = 3):
+def timing(m: LoadedModel, caption: str, num_frames: int, steps: int | None, batch: int, repeats: int = 3):
     """(first-frame latency in ms at batch 1, frames per second at `batch`), medians over `repeats` runs
-    after one warm-up. A bidirectional model yields its whole clip as one block: no first frame before it."""
+    after one warm-up. A bidirectional model yields its whole clip as one block: no first frame before it.
+    Latent frames are timed (the toys' identity codec makes decoding free)."""
     def one(b):
-        cond, null = Cond(enc.encode([caption] * b)), Cond(enc.encode([""] * b))
         t0 = time.perf_counter()
         first = None
-        for blk in stream(model, meta, cond, null, num_frames=num_frames, seed=0, steps=steps):
+        for blk in m.stream([caption] * b, num_frames=num_frames, seed=0, steps=steps):
             first = first or time.perf_counter() - t0
         return first, time.perf_counter() - t0
 
@@ -138,7 +139,6 @@ def run(*, out_dir: str = "runs", smoke: bool = False, clips: int | None = None,
     encoder, enc_acc = Fe.load_or_train_encoder(Path(out_dir) / "eval_cache", d.num_frames, d.height, d.width,
                                                 steps=30 if smoke else 400, progress=progress)
     ref_feats = Fe.features(encoder, reference)
-    text = None
     rows, gif_rows = [], []
     methods = [m for m in METHODS if not m.stage or m.stage in results]
     for m in tqdm(methods, desc="bench: evaluate", disable=not progress):
@@ -147,17 +147,12 @@ def run(*, out_dir: str = "runs", smoke: bool = False, clips: int | None = None,
             video = real
             row["steps"] = None
         else:
-            model, meta, cfg = load_model(results[m.stage].ckpt)
-            sm = meta["sampling"]
-            if text is None:
-                text = text_encoder_for(cfg, sm)
+            lm = load(results[m.stage].ckpt)
             steps = (4 if smoke else m.steps) if m.steps else None
-            video = torch.cat([sample(model, sm, Cond(text.encode(captions[i:i + 32])),
-                                      Cond(text.encode([""] * len(captions[i:i + 32]))), num_frames=d.num_frames,
-                                      seed=1000 + i, steps=steps) for i in range(0, n, 32)])
-            nfe = len(sm["sigmas"]) if sm.get("few_step") else steps * (2 if sm["guidance"] != 1.0 else 1)
-            row["steps"] = nfe
-            row["first_frame_ms"], row["fps"] = timing(model, sm, text, captions[0], d.num_frames, steps,
+            video = torch.cat([lm.sample(captions[i:i + 32], num_frames=d.num_frames, seed=1000 + i, steps=steps)
+                               for i in range(0, n, 32)])
+            row["steps"] = lm.spec.replace(steps=steps).nfe if steps else lm.spec.nfe
+            row["first_frame_ms"], row["fps"] = timing(lm, captions[0], d.num_frames, steps,
                                                        batch=min(8, n), repeats=1 if smoke else 3)
             row["stage2_s"] = stage_seconds(results[m.init].cfg.run_dir) if m.init else None
             row["stage3_s"] = stage_seconds(results[m.stage].cfg.run_dir) if m.dmd else None

@@ -8,7 +8,9 @@
     framecast record minigrid --out data/minigrid_train --episodes 2048     # world-model episodes
     framecast play --ckpt runs/minigrid/dmd_2step --start data/minigrid_eval   # live, in the browser
 
-Errors that come from the user's input (config keys, shapes, checkpoints) print one line and exit 2.
+Errors that come from the user's input (`framecast.errors.UserError`: config keys, checkpoints, data,
+requests) print one line and exit 2; anything else is a bug and keeps its traceback. Choices (stages,
+environments, samplers) come from the registries that define them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ QUICKSTART_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstar
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .pipeline import train_stage
+    from .recipe import train_stage
 
     cfg = C.load(args.config, args.overrides)
     path = train_stage(cfg)
@@ -32,7 +34,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _pairs(args: argparse.Namespace) -> None:
-    from .pipeline import make_pairs
+    from .stages import make_pairs
 
     cfg = C.load(args.config, ["stage=ode", *args.overrides])
     store = make_pairs(cfg)
@@ -40,7 +42,7 @@ def _pairs(args: argparse.Namespace) -> None:
 
 
 def _pipeline(args: argparse.Namespace) -> None:
-    from .pipeline import run_recipe
+    from .recipe import run_recipe
 
     results = run_recipe(args.recipe, args.overrides, out_dir=args.out, only=args.only)
     for r in results:
@@ -50,29 +52,26 @@ def _pipeline(args: argparse.Namespace) -> None:
 def _sample(args: argparse.Namespace) -> None:
     import torch
 
+    from .generate import load
     from .media import grid, write_video
-    from .models.conditioning import Cond
-    from .pipeline import load_model, sample, text_encoder_for
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, meta, cfg = load_model(args.ckpt, use_ema=args.ema)
-    sm = meta["sampling"]
-    enc = text_encoder_for(cfg, sm)
-    prompts = args.prompt or cfg.sample.prompts
+    m = load(args.ckpt, use_ema=args.ema)
+    prompts = args.prompt or m.config.sample.prompts
     prompts = [p for p in prompts for _ in range(args.num)]
-    cond, null = Cond(enc.encode(prompts)), Cond(enc.encode([""] * len(prompts)))
     t0 = time.perf_counter()
-    video = sample(model, sm, cond, null, num_frames=args.frames or sm["num_frames"], seed=args.seed,
-                   steps=args.steps, guidance=args.guidance, window=args.window, sampler=args.sampler,
-                   denoising_steps=args.denoising_steps, force=args.force)
+    latents = m.sample_latents(prompts, num_frames=args.frames or m.spec.num_frames, seed=args.seed,
+                               steps=args.steps, guidance=args.guidance, window=args.window, sampler=args.sampler,
+                               denoising_steps=args.denoising_steps, force=args.force)
+    video = m.decode(latents)  # the one decode point of this output path
     dt = time.perf_counter() - t0
     out = Path(args.out)
     if out.suffix in (".gif", ".mp4", ".pt"):
         out = out.with_suffix("")
     path = {ext: out.with_name(f"{out.name}.{ext}") for ext in ("gif", "mp4", "pt")}  # keeps dots in names
     for ext in ("gif", "mp4"):
-        write_video(grid(video), path[ext], fps=cfg.sample.fps)
+        write_video(grid(video), path[ext], fps=m.config.sample.fps)
     if args.save_tensor:
         torch.save(video, path["pt"])
     print(f"wrote {path['gif']} and .mp4: {video.shape[0]} videos x {video.shape[1]} frames "
@@ -106,26 +105,33 @@ def _bench(args: argparse.Namespace) -> None:
     run(out_dir=args.out, smoke=args.smoke, clips=args.clips, threads=args.threads, overrides=args.overrides)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="framecast", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="verb", required=True)
+def _add_train(sub) -> None:
+    from .stages import STAGES
 
-    t = sub.add_parser("train", help="train one stage from a YAML recipe plus key=value overrides")
-    t.add_argument("--config", default=None, help="YAML recipe (defaults if omitted)")
-    t.add_argument("overrides", nargs="*", help="strict overrides, e.g. train.steps=100 model.preset=toy")
+    t = sub.add_parser("train", help=f"train one stage ({', '.join(STAGES)}) from a YAML config plus key=value "
+                       "overrides")
+    t.add_argument("--config", default=None, help="YAML config (defaults if omitted)")
+    t.add_argument("overrides", nargs="*", help="strict overrides, e.g. stage=stage1 train.steps=100 model.preset=toy")
     t.set_defaults(fn=_train)
-
     o = sub.add_parser("pairs", help="generate (or finish) the ODE-pair store of an ode stage; resumable")
-    o.add_argument("--config", default=None, help="YAML recipe (the ode stage's config)")
-    o.add_argument("overrides", nargs="*", help="e.g. distill.teacher=runs/toy/stage1 distill.num_pairs=512")
+    o.add_argument("--config", default=None, help="YAML config (the ode stage's)")
+    o.add_argument("overrides", nargs="*", help="e.g. ode.teacher=runs/toy/stage1 ode.num_pairs=512")
     o.set_defaults(fn=_pairs)
-
     r = sub.add_parser("pipeline", help="run a recipe's stages in order (stage0 -> stage1 -> ode|cd -> dmd)")
     r.add_argument("--recipe", required=True, help="recipe YAML (configs/toy_*.yaml)")
     r.add_argument("--out", default="runs", help="where runs are written")
     r.add_argument("--only", nargs="+", default=None, help="train only these stages (others must be finished)")
     r.add_argument("overrides", nargs="*", help="overrides applied to every stage, e.g. train.threads=2")
     r.set_defaults(fn=_pipeline)
+    q = sub.add_parser("quickstart", help="the main job: the quickstart recipe on the toy, then a streamed sample + "
+                       "report")
+    q.add_argument("--out", default="runs", help="where runs are written")
+    q.add_argument("overrides", nargs="*", help="overrides applied to both stages, e.g. train.threads=2")
+    q.set_defaults(fn=_quickstart)
+
+
+def _add_sample(sub) -> None:
+    from .sampling import SAMPLERS
 
     s = sub.add_parser("sample", help="sample a video from a checkpoint (writes .gif and .mp4)")
     s.add_argument("--ckpt", required=True, help="checkpoint dir, ckpt/ root or run-stage dir")
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--steps", type=int, default=None, help="Euler steps per block")
     s.add_argument("--guidance", type=float, default=None, help="CFG scale")
     s.add_argument("--window", type=int, default=None, help="attention window in frames (streaming)")
-    s.add_argument("--sampler", choices=["euler", "few_step"], default=None,
+    s.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
                    help="override the checkpoint's sampler (refused for the wrong kind of model unless --force)")
     s.add_argument("--denoising-steps", type=int, nargs="+", default=None,
                    help="few-step list in the warped convention, e.g. 1000 500 (default: the checkpoint's)")
@@ -149,14 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--save-tensor", action="store_true", help="also save the raw frames as .pt")
     s.set_defaults(fn=_sample)
 
-    q = sub.add_parser("quickstart", help="the main job: the quickstart recipe on the toy, then a streamed sample + report")
-    q.add_argument("--out", default="runs", help="where runs are written")
-    q.add_argument("overrides", nargs="*", help="overrides applied to both stages, e.g. train.threads=2")
-    q.set_defaults(fn=_quickstart)
+
+def _add_record(sub) -> None:
+    from .data.envs import ENVS
 
     w = sub.add_parser("record", help="record episodes (frames + actions) from an environment; resumable")
-    w.add_argument("env", choices=["minigrid", "breakout"],
-                   help="MiniGrid FourRooms (egocentric view) or ALE Breakout (resized screen)")
+    w.add_argument("env", choices=sorted(ENVS), help="the environment (data/envs.py)")
     w.add_argument("--out", required=True, help="folder for the manifest and shards")
     w.add_argument("--episodes", type=int, default=512)
     w.add_argument("--frames", type=int, default=16, help="frames per episode (the first is the reset view)")
@@ -167,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--shard-size", type=int, default=64, help="episodes per shard")
     w.set_defaults(fn=_record)
 
+
+def _add_play(sub) -> None:
     y = sub.add_parser("play", help="serve a causal (world) model live: a page streams frames, held keys are actions")
     y.add_argument("--ckpt", required=True, help="a causal checkpoint, e.g. runs/minigrid/dmd_2step")
     y.add_argument("--start", default=None, help="recording whose first frames start sessions (default: the "
@@ -185,8 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     y.add_argument("--device", default="cpu", help="cpu or cuda")
     y.set_defaults(fn=_play)
 
+
+def _add_bench(sub) -> None:
+    from .bench import SUITES
+
     b = sub.add_parser("bench", help="train (or reuse) and evaluate every method of a benchmark; writes a table + gif")
-    b.add_argument("suite", choices=["toy"], help="which benchmark (configs/bench_toy.yaml)")
+    b.add_argument("suite", choices=sorted(SUITES), help="which benchmark (configs/bench_<suite>.yaml)")
     b.add_argument("--smoke", action="store_true", help="every stage a few steps: checks the path in minutes")
     b.add_argument("--out", default="runs", help="where runs are written")
     b.add_argument("--clips", type=int, default=None, help="evaluation clips per method (default 128; smoke 8)")
@@ -194,6 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("overrides", nargs="*", help="overrides applied to every stage")
     b.set_defaults(fn=_bench)
 
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="framecast", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="verb", required=True)
+    for add in (_add_train, _add_sample, _add_record, _add_play, _add_bench):
+        add(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import UserError
+
+    p = parser()
     args, extra = p.parse_known_args(argv)
     # `framecast bench toy --smoke key=value`: argparse binds the positional overrides to the chunk right after
     # `toy`, so overrides given after options arrive here; any other stray argument is still an error
@@ -201,15 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
-    from .data.envs import RecordError
-    from .data.trajectories import PairStoreError
-    from .stream import SessionError
-    from .train.checkpoint import CheckpointError
-    from .train.loop import RunLockedError
-
     try:
         args.fn(args)
-    except (C.ConfigError, CheckpointError, PairStoreError, RecordError, RunLockedError, SessionError, ValueError) as e:
+    except UserError as e:
         print(f"framecast: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -12,24 +12,21 @@ directory and every checkpoint, so a checkpoint is self-describing (architecture
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import types
-import typing
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+from .schema import build as _build
+from .schema import parse_override, to_dict
 
-class ConfigError(ValueError):
-    """A config key or value that cannot be used; the message names the key."""
+__all__ = ["ConfigError", "RunConfig", "from_dict", "load", "load_recipe", "parse_override", "to_dict", "upgrade"]
 
 
-# ------------------------------------------------------------------------------------------------
-# Schemas
-# ------------------------------------------------------------------------------------------------
+# --- Schemas ---
 
 
 @dataclass
@@ -52,6 +49,7 @@ class ModelConfig:
     num_actions: int = 0  # > 0 adds a zero-initialised per-frame action embedder (world models)
     attention_backend: str = "sdpa"  # sdpa (dense boolean mask, CPU + training) | flex (CUDA, opt-in)
     gradient_checkpointing: bool = False
+    codec: str = "identity"  # the latent codec (models/codecs.py): identity = the frames are the latents (toys)
 
     @property
     def dim(self) -> int:
@@ -105,7 +103,7 @@ class DataConfig:
 class ObjectiveConfig:
     name: str = "diffusion"
     # diffusion: bidirectional (Stage 0) | teacher_forcing (Stage 1, TF) | diffusion_forcing (Stage 1, DF)
-    mode: str = "teacher_forcing"
+    mode: str = ""  # "" = the stage's own mode (stages.py); only stage1 has a choice (TF or DF)
     block_size: int = 1  # K latent frames per AR block (1 frame-wise, 3 chunk-wise)
     window: int = 0  # attention window in frames, counting the current block; 0 = unbounded
     sink: int = 0  # frames at the start that stay visible when a window is set
@@ -113,35 +111,68 @@ class ObjectiveConfig:
 
 
 @dataclass
-class DistillConfig:
-    """Stages 2-3 (method.md §5-§7): few-step schedules, teachers and the knobs of ODE, CD and DMD.
+class FewStepConfig:
+    """The schedule of a few-step generator (stages ode, cd, dmd; method.md §2, §7.6).
 
     Step lists use the reference configs' warped convention (method.md §12.3): [1000, 500] means sigmas
-    shift(1.0), shift(0.5) = 1, .8333 at shift 5. Teacher/real/critic are checkpoint paths; in a recipe
-    `@<stage>` names another stage of the same recipe, and `framecast pipeline` fills the usual ones.
+    shift(1.0), shift(0.5) = 1, .8333 at shift 5.
     """
 
-    denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])  # few-step schedule
-    first_block_steps: list[int] = field(default_factory=list)  # first block's own schedule (method.md §7.6); [] = same
-    grid_steps: int = 48  # N of the ODE/CD grid; the few-step sigmas must lie on it (method.md §5.1, §6)
-    teacher: str = ""  # ODE/CD teacher checkpoint: the Stage-1 AR model (the Stage-0 base for the baseline)
-    guidance: float = 3.0  # teacher CFG for ODE pairs and CD. The reference uses 6 (ODE) and 3 (CD), so its
-    # two inits distill different flows (method.md §12.2); one value here makes them target the same flow map
-    ode_teacher: str = "causal"  # causal (AR teacher, clean GT context) | bidirectional (Self Forcing baseline)
+    denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
+    first_block_steps: list[int] = field(default_factory=list)  # the first block's own schedule; [] = the same
+
+
+@dataclass
+class ODEConfig:
+    """Stage 2a, causal ODE initialisation (method.md §5). Checkpoint paths accept `@<stage>` in a recipe."""
+
+    teacher: str = ""  # the Stage-1 AR teacher (the Stage-0 base for the bidirectional baseline)
+    teacher_kind: str = "causal"  # causal (AR teacher, clean GT context) | bidirectional (Self Forcing baseline)
+    grid_steps: int = 48  # N of the teacher's Euler grid; the few-step sigmas must lie on it (method.md §5.1)
+    guidance: float = 3.0  # teacher CFG; the reference uses 6 for ODE and 3 for CD (method.md §12.2)
     num_pairs: int = 256  # ODE trajectories to generate
     shard_size: int = 64  # trajectories per shard of the pair store
     pairs_dir: str = ""  # where the pair store lives; default <run dir>/pairs
     pair_mode: str = "cached"  # cached (block-wise with the KV cache) | packed (teacher-forcing forward)
-    target_decay: float = 0.99  # CD target network (EMA of the student, method.md §6)
-    real: str = ""  # DMD real score: the bidirectional base, frozen
-    critic: str = ""  # DMD fake score initialisation: the bidirectional base (method.md §7.1)
+
+
+@dataclass
+class CDConfig:
+    """Stage 2b, causal consistency distillation (Causal Forcing++, method.md §6)."""
+
+    teacher: str = ""  # the Stage-1 AR teacher
+    grid_steps: int = 48  # N of the consistency grid; the few-step sigmas must lie on it
+    guidance: float = 3.0  # teacher CFG of the online Euler step
+    target_decay: float = 0.99  # EMA target network of the student (method.md §6)
+
+
+@dataclass
+class DMDConfig:
+    """Stage 3, asymmetric DMD with self-rollout (method.md §7)."""
+
+    real: str = ""  # the real score: the bidirectional base, frozen
+    critic: str = ""  # the fake score's initialisation: the bidirectional base (method.md §7.1)
     real_guidance: float = 4.0  # u + g (c - u); the reference's x_c + 3 (x_c - x_u) is g = 4 (method.md §12.1)
     critic_ratio: int = 5  # critic updates per generator update (method.md §7.5)
     critic_lr: float = 4.0e-7
     critic_betas: tuple[float, float] = (0.0, 0.999)
-    dmd_sigma_min: float = 0.02  # DMD noise levels: shift(U{0..999}/1000) clamped to [min, max] (method.md §7.3)
-    dmd_sigma_max: float = 0.98
+    sigma_min: float = 0.02  # noise levels: shift(U{0..999}/1000) clamped to [min, max] (method.md §7.3)
+    sigma_max: float = 0.98
     context_sigma: float = 0.0  # noise level of the committed context in self-rollout (0: clean, method.md §12.8)
+
+
+# `distill:` held every method's knobs until they were split by method; old recipes get a "moved to" error
+# and old checkpoints are upgraded silently (`upgrade`).
+MOVED = {
+    "denoising_steps": ["few_step.denoising_steps"], "first_block_steps": ["few_step.first_block_steps"],
+    "grid_steps": ["ode.grid_steps", "cd.grid_steps"], "teacher": ["ode.teacher", "cd.teacher"],
+    "guidance": ["ode.guidance", "cd.guidance"], "ode_teacher": ["ode.teacher_kind"],
+    "num_pairs": ["ode.num_pairs"], "shard_size": ["ode.shard_size"], "pairs_dir": ["ode.pairs_dir"],
+    "pair_mode": ["ode.pair_mode"], "target_decay": ["cd.target_decay"], "real": ["dmd.real"],
+    "critic": ["dmd.critic"], "real_guidance": ["dmd.real_guidance"], "critic_ratio": ["dmd.critic_ratio"],
+    "critic_lr": ["dmd.critic_lr"], "critic_betas": ["dmd.critic_betas"], "dmd_sigma_min": ["dmd.sigma_min"],
+    "dmd_sigma_max": ["dmd.sigma_max"], "context_sigma": ["dmd.context_sigma"],
+}
 
 
 @dataclass
@@ -181,14 +212,17 @@ class SampleConfig:
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs"
-    stage: str = "stage1"  # stage0 | stage1 | ode | cd | dmd
+    stage: str = "stage1"  # a name in the stage registry (stages.py): stage0 | stage1 | ode | cd | dmd | ...
     tag: str = ""  # run sub-directory; default the stage name (a recipe can hold e.g. dmd_1step and dmd_2step)
     init: str = ""  # checkpoint directory to initialise the trained network from
     model: ModelConfig = field(default_factory=ModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    few_step: FewStepConfig = field(default_factory=FewStepConfig)
+    ode: ODEConfig = field(default_factory=ODEConfig)
+    cd: CDConfig = field(default_factory=CDConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
@@ -203,82 +237,7 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
     return _build(ModelConfig, {"preset": name, **MODEL_PRESETS[name], **overrides}, "model")
 
 
-# ------------------------------------------------------------------------------------------------
-# Strict construction from plain data
-# ------------------------------------------------------------------------------------------------
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotated type `tp`; convert only lossless cases (int->float, list->tuple)."""
-    origin = typing.get_origin(tp)
-    if tp is float:
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-4` without a dot as a string
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {key!r} expects a float, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {key!r} expects an int, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key {key!r} expects true/false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key {key!r} expects a string, got {value!r}")
-        return value
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"config key {key!r} expects a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-    if origin is list:
-        (arg,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
-        return [_coerce(v, arg, key) for v in value]
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"config key {key!r} got {value!r}, which matches none of {tp}")
-    raise ConfigError(f"config key {key!r} has an unsupported type {tp}")  # pragma: no cover
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"config section {prefix!r} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f" in section {prefix!r}" if prefix else ""
-        raise ConfigError(f"unknown config key {'.'.join(filter(None, [prefix, unknown[0]]))!r}{where}; "
-                          f"valid keys: {sorted(names)}")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        tp = hints[name]
-        kwargs[name] = _build(tp, value, key) if dataclasses.is_dataclass(tp) else _coerce(value, tp, key)
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain-data form (tuples become lists) for YAML/JSON."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(dataclasses.asdict(cfg))
+# --- From plain data: strict for what users write, upgrading for what checkpoints stored ---
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -293,26 +252,37 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _refuse_moved(data: dict[str, Any]) -> None:
+    """One clear error for a `distill:` section: say where each of its keys lives now."""
+    old = data.get("distill")
+    if old is None:
+        return
+    keys = sorted(old) if isinstance(old, dict) else []
+    where = "; ".join(f"distill.{k} -> {' / '.join(MOVED[k])}" for k in keys if k in MOVED)
+    raise ConfigError("config section 'distill' was split by method into few_step:, ode:, cd: and dmd:"
+                      + (f" ({where})" if where else "") + "; move the keys there")
+
+
 def from_dict(data: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
     """Merge plain data over `base` (default: all defaults) and validate every key and type."""
+    _refuse_moved(data)
     return _build(RunConfig, _merge(to_dict(base or RunConfig()), data), "")
 
 
-def parse_override(text: str) -> dict[str, Any]:
-    """`train.lr=3e-4` -> {"train": {"lr": 3e-4}}. Values are parsed as YAML scalars/lists."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.lr=3e-4)")
-    key, raw = text.split("=", 1)
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r} has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    out: dict[str, Any] = {}
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A config as an older framecast stored it (in a checkpoint or a run folder), in today's layout.
+
+    `distill:` is split into its method sections and model keys added since keep their defaults, so old
+    runs still load, resume and sample. What users write is never upgraded: `from_dict` refuses it.
+    """
+    data = copy.deepcopy(data)
+    old = data.pop("distill", None)
+    if isinstance(old, dict):
+        for key, value in old.items():
+            for dotted in MOVED.get(key, []):
+                section, name = dotted.split(".")
+                data.setdefault(section, {})[name] = value
+    return data
 
 
 def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
@@ -341,9 +311,7 @@ def dump(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-# ------------------------------------------------------------------------------------------------
-# Recipes: several stages sharing a base config
-# ------------------------------------------------------------------------------------------------
+# --- Recipes: several stages sharing a base config ---
 
 
 @dataclass

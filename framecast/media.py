@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .models.codecs import pixels_to_uint8, uint8_to_pixels
+
 Tensor = torch.Tensor
 
 
@@ -15,8 +17,7 @@ def to_uint8(video: Tensor, scale: int = 1) -> np.ndarray:
     """[F, 3, H, W] in [-1, 1] -> [F, H*scale, W*scale, 3] uint8 (nearest upscaling keeps sprites crisp)."""
     if video.ndim != 4 or video.shape[1] != 3:
         raise ValueError(f"expected an RGB video [F, 3, H, W], got {tuple(video.shape)}")
-    v = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    v = v.permute(0, 2, 3, 1).cpu().numpy()
+    v = pixels_to_uint8(video).permute(0, 2, 3, 1).cpu().numpy()
     if scale > 1:
         v = v.repeat(scale, axis=1).repeat(scale, axis=2)
     return v
@@ -78,7 +79,7 @@ def labelled_rows(rows: list[tuple[str, Tensor]], path: str | Path, fps: int = 6
     width = max(s.shape[2] for s in strips)
     frames = np.concatenate([np.pad(s, ((0, 0), (0, 0), (0, width - s.shape[2]), (0, 0)), constant_values=255)
                              for s in strips], axis=1)  # [F, H_total, W_total, 3]
-    video = torch.from_numpy(frames.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+    video = uint8_to_pixels(torch.from_numpy(frames.copy()).permute(0, 3, 1, 2))
     return write_video(video, path, fps=fps, scale=1)
 
 

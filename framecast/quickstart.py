@@ -20,10 +20,10 @@ import torch
 
 from .eval import toy as T
 from .eval.checks import Recorder, stream_vs_packed
+from .generate import load, sample
 from .media import grid, write_video
-from .models.conditioning import Cond
 from .models.denoiser import Guidance
-from .pipeline import load_model, run_recipe, sample, stream, text_encoder_for
+from .recipe import run_recipe
 from .train import checkpoint as ckpt
 from .train.loop import read_log
 
@@ -55,32 +55,29 @@ def _score_stages(results, clips: int) -> dict[str, dict]:
 
 @torch.no_grad()
 def _final_sample(ckpt_dir: Path, root: Path) -> dict:
-    model, meta, cfg = load_model(ckpt_dir)
-    sm = meta["sampling"]
-    enc = text_encoder_for(cfg, sm)
+    m = load(ckpt_dir)
+    spec, cfg = m.spec, m.config
     prompts = cfg.sample.prompts
-    cond, null = Cond(enc.encode(prompts)), Cond(enc.encode([""] * len(prompts)))
+    cond, null = m.encode_prompts(prompts)
     frames = cfg.sample.num_frames
-    rec = Recorder(model)
+    rec = Recorder(m.denoiser)
     t0 = time.perf_counter()
-    video = sample(rec, sm, cond, null, num_frames=frames, seed=cfg.sample.seed)
+    latents = sample(rec, spec, cond, null, num_frames=frames, seed=cfg.sample.seed)
     seconds = time.perf_counter() - t0
+    video = m.decode(latents)
     write_video(grid(video), root / "final.gif", fps=cfg.sample.fps)
     write_video(grid(video), root / "final.mp4", fps=cfg.sample.fps)
     check = {}
-    if sm["causal"]:
-        check = stream_vs_packed(model, video, rec.calls, cond, block_size=sm["block_size"], window=sm["window"],
-                                 sink=sm["sink"], guidance=Guidance(sm["guidance"], null))
+    if spec.causal:  # the stream's own latents against the packed forward on them
+        check = stream_vs_packed(m.denoiser, latents, rec.calls, cond, block_size=spec.block_size, window=spec.window,
+                                 sink=spec.sink, guidance=Guidance(spec.guidance, null))
     # first-frame latency of one stream (median of 3 after a warm-up)
-    one, none = Cond(enc.encode(prompts[:1])), Cond(enc.encode([""]))
     firsts = []
     for _ in range(4):
         t0 = time.perf_counter()
-        next(iter(stream(model, sm, one, none, num_frames=frames, seed=0)))
+        next(iter(m.stream(prompts[:1], num_frames=frames, seed=0)))
         firsts.append(time.perf_counter() - t0)
-    how = (f"{len(sm['sigmas'])}-step few-step sampler (first frame {len(sm['first_sigmas'] or sm['sigmas'])} "
-           f"steps), no CFG" if sm.get("few_step") else f"{sm['steps']} Euler steps per frame with CFG {sm['guidance']:g}")
-    return {"video_seconds": seconds, "frames": frames * len(prompts), "how": how, "check": check,
+    return {"video_seconds": seconds, "frames": frames * len(prompts), "how": spec.describe(), "check": check,
             "prompts": prompts, "first_frame_ms": 1000 * statistics.median(firsts[1:])}
 
 

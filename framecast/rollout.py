@@ -1,6 +1,6 @@
-"""The ONE autoregressive block loop (architecture.md §2, architecture.md §2).
+"""The ONE autoregressive block loop (architecture.md §2).
 
-Offline sampling, streaming sessions, ODE-pair generation and (next issue) DMD self-rollout all call
+Offline sampling, streaming sessions, ODE-pair generation and DMD self-rollout all call
 `rollout`. Per block b of K frames at absolute frame offset f_b:
 
     x0_b = sampler(denoiser, noise_b, sigmas_b, cond_b, cache=cache, positions=f_b..f_b+K-1)   # reads cache
@@ -10,6 +10,9 @@ so block b conditions on the committed clean output of blocks < b (method.md §3
 (I2V first frame, continuation) is committed first, block by block, and is not yielded.
 
 A bidirectional model is the special case of one block spanning the whole video (`block_size = F`).
+Training changes what a block is conditioned on through two options of `rollout`: `SelfRollout` (DMD's
+self-rollout gradient policy, method.md §7.2) and `teacher_context` (the ground-truth prefix of causal ODE
+pairs, method.md §5.1).
 """
 
 from __future__ import annotations
@@ -35,6 +38,30 @@ class Block:
     x0: Tensor  # [B, K, C, H, W] clean output
 
 
+@dataclass(frozen=True)
+class SelfRollout:
+    """The self-rollout gradient policy of training (method.md §7.2), for the `few_step` sampler.
+
+    Every block stops at denoising step `exit_step` (the first block at `first_exit_step` when it has its own
+    schedule, `first_sigmas`; None: `exit_step` too), only that forward keeps grad, and the context is
+    committed without grad. With `context_sigma > 0` each block's output is re-noised to that level before
+    it is committed, and every commit (prefix included) is labelled with it (method.md §12.8); 0 commits
+    the clean output, as inference does.
+    """
+
+    exit_step: int
+    first_exit_step: int | None = None
+    context_sigma: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.context_sigma < 1.0:
+            raise ValueError(f"context_sigma must be in [0, 1), got {self.context_sigma}")
+
+    def exit_for(self, first: bool) -> int:
+        """The exit step of a block; `first`: the first block, sampled on its own schedule."""
+        return self.first_exit_step if first and self.first_exit_step is not None else self.exit_step
+
+
 def rollout(
     denoiser,
     noise: Tensor,
@@ -49,13 +76,11 @@ def rollout(
     window: int = 0,
     sink: int = 0,
     guidance: Guidance | None = None,
-    context_sigma: float = 0.0,
     commit_last: bool = True,
-    renoise_context: bool = False,
-    exit_step: int | None = None,
-    first_exit_step: int | None = None,
-    teacher_context: Tensor | None = None,
     generator: torch.Generator | None = None,
+    # training only: at most one of the two (what block b is conditioned on)
+    self_rollout: SelfRollout | None = None,
+    teacher_context: Tensor | None = None,
 ) -> Iterator[Block]:
     """Generate `noise.shape[1]` frames block by block, yielding each block as soon as it is done.
 
@@ -68,19 +93,25 @@ def rollout(
         cache: continue an existing stream (its frames count as context); default a fresh cache.
         window, sink: attention window of a fresh cache (frames, counting the current block).
         commit_last: commit the last block too (needed to continue the stream later).
-        renoise_context: re-noise each block's output to `context_sigma` before committing it (training
-            self-rollout does; inference feeds the clean output, method.md §12.8).
-        exit_step, first_exit_step: self-rollout gradient policy for `few_step` (method.md §7.2): every block stops
-            at `exit_step` (the first block at `first_exit_step`, for its own schedule), only that forward
-            keeps grad, and the context is committed without grad.
-        teacher_context: [B, F, C, H, W] clean frames to commit instead of the generated blocks, so block b is
+        generator: the sampler's and the context re-noising's randomness.
+
+    Two training options change what the blocks are conditioned on; by default (inference) block b sees the
+    clean committed output of blocks < b:
+
+        self_rollout: a `SelfRollout`, the gradient policy of DMD's self-rollout (method.md §7.2): per-block
+            exit step, grad on the exit forward only, context committed without grad and, with its
+            `context_sigma > 0`, re-noised to that level first (method.md §12.8).
+        teacher_context: [B, F, C, H, W] clean frames committed instead of the generated blocks, so block b is
             conditioned on the ground-truth prefix (causal ODE pairs, method.md §5.1, §12.17).
     """
     B, F = noise.shape[:2]
     if teacher_context is not None and teacher_context.shape != noise.shape:
         raise ValueError(f"teacher_context {tuple(teacher_context.shape)} must match noise {tuple(noise.shape)}")
+    if teacher_context is not None and self_rollout is not None:
+        raise ValueError("give self_rollout or teacher_context, not both: they condition blocks on different context")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
+    context_sigma = 0.0 if self_rollout is None else self_rollout.context_sigma  # commit noise level
     if cache is None:
         cache = denoiser.new_cache(block_size=block_size, window=window, sink=sink)
     if context is not None:
@@ -100,14 +131,12 @@ def rollout(
         block_guidance = _frames(guidance, offset + s, offset + e)
         first = b == 0 and first_sigmas is not None
         sched = first_sigmas if first else sigmas
-        kw = {}
-        if exit_step is not None:
-            kw["exit_step"] = first_exit_step if first and first_exit_step is not None else exit_step
+        kw = {} if self_rollout is None else {"exit_step": self_rollout.exit_for(first)}
         x0 = sampler(denoiser, noise[:, s:e], sched, block_cond, cache=cache, positions=pos,
                      guidance=block_guidance, generator=generator, **kw)
         if e < F or commit_last:
             ctx = (x0 if teacher_context is None else teacher_context[:, s:e]).detach()
-            if renoise_context and context_sigma > 0:
+            if context_sigma > 0:  # self-rollout re-noising (method.md §12.8)
                 eps = torch.randn(ctx.shape, generator=generator).to(ctx)
                 ctx = flow.add_noise(ctx, eps, torch.full(ctx.shape[:2], context_sigma, device=ctx.device))
             denoiser.commit(ctx, block_cond, cache, positions=pos, sigma=context_sigma, guidance=block_guidance)

@@ -2,7 +2,7 @@
 
     python scripts/compare_stages.py runs/toy/stage1 runs/toy/cd runs/toy/dmd_2step --out docs/img/toy_stages
 
-Each checkpoint samples the way its meta says (Euler with CFG for Stage 0/1, the few-step schedule without
+Each checkpoint samples the way its sampling spec says (Euler with CFG for Stage 0/1, the few-step schedule without
 CFG for distilled generators), streamed with its KV cache. Prints a markdown table of per-checkpoint
 sampler, forwards per frame, first-block latency and throughput (batch = number of prompts, this machine).
 """
@@ -16,20 +16,19 @@ from pathlib import Path
 
 import torch
 
+from framecast.generate import load
 from framecast.media import grid, write_video
-from framecast.models.conditioning import Cond
-from framecast.pipeline import load_model, sample, text_encoder_for
+from framecast.spec import SamplingSpec
 
 PROMPTS = ["a red circle moving right slow", "a green square moving down fast", "a blue triangle moving left fast",
            "a yellow square moving up slow"]
 
 
-def describe(meta: dict) -> str:
-    sm = meta["sampling"]
-    if sm.get("few_step"):
-        first = f" (first block {len(sm['first_sigmas'])})" if sm.get("first_sigmas") else ""
-        return f"few-step {len(sm['sigmas'])}{first}, no CFG"
-    return f"Euler {sm['steps']}, CFG {sm['guidance']:g}" + ("" if sm["causal"] else ", bidirectional")
+def describe(spec: SamplingSpec) -> str:
+    if spec.few_step:
+        first = f" (first block {len(spec.first_sigmas)})" if spec.first_sigmas else ""
+        return f"few-step {len(spec.sigmas)}{first}, no CFG"
+    return f"Euler {spec.steps}, CFG {spec.guidance:g}" + ("" if spec.causal else ", bidirectional")
 
 
 def main() -> None:
@@ -46,20 +45,17 @@ def main() -> None:
     prompts = a.prompt or PROMPTS
     rows, table = [], []
     for path in a.ckpts:
-        model, meta, cfg = load_model(path)
-        sm = meta["sampling"]
-        enc = text_encoder_for(cfg, sm)
-        cond, null = Cond(enc.encode(prompts)), Cond(enc.encode([""] * len(prompts)))
-        sample(model, sm, cond, null, num_frames=1, seed=a.seed)  # warm-up (first-call allocation)
+        m = load(path)
+        m.sample_latents(prompts, num_frames=1, seed=a.seed)  # warm-up (first-call allocation)
         t0 = time.perf_counter()
-        sample(model, sm, cond, null, num_frames=sm["block_size"] or a.frames, seed=a.seed)
+        m.sample_latents(prompts, num_frames=m.spec.block(a.frames), seed=a.seed)
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
-        video = sample(model, sm, cond, null, num_frames=a.frames, seed=a.seed)  # [N, F, 3, H, W]
+        video = m.sample(prompts, num_frames=a.frames, seed=a.seed)  # [N, F, 3, H, W], decoded
         total = time.perf_counter() - t0
         rows.append(video)
-        table.append({"checkpoint": str(path), "stage": meta["stage"], "sampler": describe(meta),
-                      "block": sm["block_size"] or a.frames, "first_block_ms": first * 1e3,
+        table.append({"checkpoint": str(path), "stage": m.config.stage, "sampler": describe(m.spec),
+                      "block": m.spec.block(a.frames), "first_block_ms": first * 1e3,
                       "frames_per_s": len(prompts) * a.frames / total})
     stacked = torch.cat([grid(v, ncol=len(prompts))[None] for v in rows])  # [R, F, 3, H', W']
     out = Path(a.out)

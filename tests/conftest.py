@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from framecast import config as C
-from framecast.pipeline import build_denoiser
+from framecast.generate import build_denoiser
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def tiny_model(tiny_cfg):
 
 
 STUDENT = ["stage=dmd", "model.num_actions=4", "model.text_dim=32", "data.name=episodes", "data.text_encoder=hash",
-           "data.text_tokens=4", "distill.denoising_steps=[1000,500]"]
+           "data.text_tokens=4", "few_step.denoising_steps=[1000,500]"]
 
 
 def student_world(**kw):
@@ -51,20 +51,20 @@ def student_world(**kw):
     and random weights; the action embedding is random too (a fresh one is zero), so actions visibly matter."""
     from framecast.data.envs import ENVS
     from framecast.models.conditioning import build_text_encoder
-    from framecast.pipeline import sampling_meta
     from framecast.play import World
+    from framecast.stages import sampling_spec
 
     cfg = C.load(Path(__file__).resolve().parents[1] / "configs" / "toy.yaml", STUDENT)
     model = build_denoiser(cfg.model).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         model.action_embed.table.weight.normal_(0, 1.0, generator=g)  # zero-initialised in a fresh model
-    meta = sampling_meta(cfg)
-    enc = build_text_encoder(meta["text_encoder"], cfg.model.text_dim, meta["text_tokens"], 0)
-    spec = ENVS["minigrid"]
-    starts = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1  # [N, C, H, W]
+    spec = sampling_spec(cfg)
+    enc = build_text_encoder(spec.text_encoder, cfg.model.text_dim, spec.text_tokens, 0)
+    env = ENVS["minigrid"]
+    starts = torch.rand(3, *spec.pixel_shape, generator=g) * 2 - 1  # [N, C, H, W] pixels
     defaults = dict(window=4, fps=0.0, max_sessions=2)
-    return World(model, meta, enc, list(spec.actions), spec.key_map, starts, **(defaults | kw))
+    return World(model, spec, enc, list(env.actions), env.key_map, starts, **(defaults | kw))
 
 
 @pytest.fixture(scope="session")

@@ -47,3 +47,29 @@ def test_bad_files(tmp_path):
     bad.write_text("train: {steps: [1, 2\n")
     with pytest.raises(C.ConfigError, match="not valid YAML"):
         C.load(bad)
+
+
+def test_old_distill_section_is_refused_with_where_its_keys_moved(tmp_path):
+    p = tmp_path / "old.yaml"
+    p.write_text("distill: {teacher: runs/x, critic_ratio: 2}\n")
+    with pytest.raises(C.ConfigError) as e:
+        C.load(p)
+    msg = str(e.value)
+    assert "distill.teacher -> ode.teacher / cd.teacher" in msg and "distill.critic_ratio -> dmd.critic_ratio" in msg
+    assert "\n" not in msg
+    with pytest.raises(C.ConfigError, match="distill"):
+        C.load(None, ["distill.grid_steps=8"])
+
+
+def test_stored_configs_of_older_versions_are_upgraded():
+    old = C.to_dict(C.RunConfig())
+    for section in ("few_step", "ode", "cd", "dmd"):
+        old.pop(section)
+    old["model"].pop("codec")
+    old["distill"] = {"denoising_steps": [1000, 500], "teacher": "t", "guidance": 2.5, "ode_teacher": "bidirectional",
+                      "critic_ratio": 3, "dmd_sigma_min": 0.05}
+    cfg = C.from_dict(C.upgrade(old))
+    assert cfg.few_step.denoising_steps == [1000, 500] and cfg.ode.teacher == cfg.cd.teacher == "t"
+    assert cfg.ode.guidance == cfg.cd.guidance == 2.5 and cfg.ode.teacher_kind == "bidirectional"
+    assert cfg.dmd.critic_ratio == 3 and cfg.dmd.sigma_min == 0.05 and cfg.model.codec == "identity"
+    assert "distill" in old  # the stored dict itself is left alone

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from framecast import config as C
 from framecast import flow
-from framecast import pipeline
+from framecast import recipe as pipeline
 from framecast.cli import main
 from framecast.config import DataConfig
 from framecast.data.batch import Batch
@@ -32,7 +32,8 @@ from framecast.models.denoiser import Guidance
 from framecast.objectives.consistency import CausalCD
 from framecast.objectives.dmd import AsymmetricDMD
 from framecast.objectives.ode import ODERegression, generate_pairs, write_pairs
-from framecast.pipeline import build_denoiser, train_stage
+from framecast.generate import build_denoiser
+from framecast.recipe import train_stage
 from framecast.sampling import SAMPLERS
 from framecast.train import checkpoint as ckpt
 
@@ -597,7 +598,7 @@ def test_a_store_made_otherwise_is_refused_naming_the_key(pair_store, key, value
     with pytest.raises(PairStoreError) as e:
         PairStore(pair_store, {**MANIFEST, key: value})
     msg = str(e.value)
-    assert f"made with {key}=" in msg and "distill.pairs_dir" in msg and "\n" not in msg
+    assert f"made with {key}=" in msg and "ode.pairs_dir" in msg and "\n" not in msg
     assert {p.name: p.read_bytes() for p in pair_store.iterdir()} == before
     (pair_store / "manifest.json").write_text('{"teacher": ')
     with pytest.raises(PairStoreError, match="manifest.json is corrupt"):
@@ -670,10 +671,10 @@ def test_bidirectional_teacher_pairs_are_a_joint_solve(tmp_path):
 
 
 # ================================================================================================
-# Trainer hooks and resume through pipeline.train_stage
+# Trainer hooks and resume through recipe.train_stage
 # ================================================================================================
 
-FEW = ["distill.grid_steps=8", "distill.denoising_steps=[1000,500]"]
+FEW = ["cd.grid_steps=8", "ode.grid_steps=8", "few_step.denoising_steps=[1000,500]"]
 
 
 def tiny(out, *extra) -> C.RunConfig:
@@ -686,7 +687,7 @@ def base_ckpts(tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
     p0 = train_stage(tiny(out, "stage=stage0", "train.steps=2"))
     p1 = train_stage(tiny(out, "stage=stage1", f"init={p0}", "train.steps=2"))
-    pcd = train_stage(tiny(out, "stage=cd", f"init={p1}", f"distill.teacher={p1}", "train.steps=2", *FEW))
+    pcd = train_stage(tiny(out, "stage=cd", f"init={p1}", f"cd.teacher={p1}", "train.steps=2", *FEW))
     return {"stage0": p0, "stage1": p1, "cd": pcd}
 
 
@@ -700,7 +701,7 @@ def _equal(a, b) -> bool:
 
 def test_cd_resume_is_exact_for_the_student_and_the_target_network(tmp_path, base_ckpts):
     p1 = base_ckpts["stage1"]
-    cd = ["stage=cd", f"init={p1}", f"distill.teacher={p1}", *FEW]
+    cd = ["stage=cd", f"init={p1}", f"cd.teacher={p1}", *FEW]
     straight = tiny(tmp_path, "name=a", "train.steps=4", *cd)
     train_stage(straight)
     train_stage(tiny(tmp_path, "name=b", "train.steps=2", *cd))
@@ -719,8 +720,8 @@ def test_cd_resume_is_exact_for_the_student_and_the_target_network(tmp_path, bas
 def test_cd_target_moves_after_each_student_update(tmp_path, base_ckpts):
     """Trainer hook order: optimiser step, then target <- d target + (1 - d) student (method.md §6)."""
     p1 = base_ckpts["stage1"]
-    cfg = tiny(tmp_path, "stage=cd", f"init={p1}", f"distill.teacher={p1}", "train.steps=1",
-               "distill.target_decay=0.5", *FEW)
+    cfg = tiny(tmp_path, "stage=cd", f"init={p1}", f"cd.teacher={p1}", "train.steps=1",
+               "cd.target_decay=0.5", *FEW)
     path = train_stage(cfg)
     init, student, target = _sd(p1), _sd(path), _sd(path, "obj_target")
     assert not _equal(init, student)
@@ -730,9 +731,9 @@ def test_cd_target_moves_after_each_student_update(tmp_path, base_ckpts):
 
 def test_dmd_checkpoint_critic_ema_and_optimisers(tmp_path, base_ckpts):
     p0, pcd = base_ckpts["stage0"], base_ckpts["cd"]
-    cfg = tiny(tmp_path, "stage=dmd", f"init={pcd}", f"distill.real={p0}", f"distill.critic={p0}",
-               "train.steps=2", "train.ckpt_every=1", "train.ema_decay=0.9", "distill.critic_ratio=2",
-               "distill.denoising_steps=[1000,500]", "distill.critic_lr=3.0e-4", "distill.critic_betas=[0.5,0.9]",
+    cfg = tiny(tmp_path, "stage=dmd", f"init={pcd}", f"dmd.real={p0}", f"dmd.critic={p0}",
+               "train.steps=2", "train.ckpt_every=1", "train.ema_decay=0.9", "dmd.critic_ratio=2",
+               "few_step.denoising_steps=[1000,500]", "dmd.critic_lr=3.0e-4", "dmd.critic_betas=[0.5,0.9]",
                "train.betas=[0.8,0.95]")
     path = train_stage(cfg)
     files = sorted(f.name for f in path.glob("*.safetensors"))
@@ -762,8 +763,8 @@ def test_dmd_checkpoint_critic_ema_and_optimisers(tmp_path, base_ckpts):
 
 def test_dmd_resume_is_exact(tmp_path, base_ckpts):
     p0, pcd = base_ckpts["stage0"], base_ckpts["cd"]
-    dmd = ["stage=dmd", f"init={pcd}", f"distill.real={p0}", f"distill.critic={p0}", "distill.critic_ratio=2",
-           "distill.denoising_steps=[1000,500]", "distill.first_block_steps=[1000,750,500,250]",
+    dmd = ["stage=dmd", f"init={pcd}", f"dmd.real={p0}", f"dmd.critic={p0}", "dmd.critic_ratio=2",
+           "few_step.denoising_steps=[1000,500]", "few_step.first_block_steps=[1000,750,500,250]",
            "train.ema_decay=0.5"]
     a = tiny(tmp_path, "name=a", "train.steps=3", *dmd)
     train_stage(a)
@@ -777,30 +778,30 @@ def test_dmd_resume_is_exact(tmp_path, base_ckpts):
 def test_distill_misconfiguration_errors_are_clear(tmp_path, base_ckpts):
     p0, p1, pcd = base_ckpts["stage0"], base_ckpts["stage1"], base_ckpts["cd"]
     with pytest.raises(C.ConfigError, match="bidirectional") as e:
-        train_stage(tiny(tmp_path, "stage=dmd", f"init={pcd}", f"distill.real={p1}", f"distill.critic={p0}"))
-    assert "distill.real" in str(e.value)
-    with pytest.raises(C.ConfigError, match="distill.critic.*bidirectional"):
-        train_stage(tiny(tmp_path, "stage=dmd", f"init={pcd}", f"distill.real={p0}", f"distill.critic={p1}"))
-    with pytest.raises(C.ConfigError, match="distill.real"):
-        train_stage(tiny(tmp_path, "stage=dmd", f"init={pcd}", f"distill.critic={p0}"))
+        train_stage(tiny(tmp_path, "stage=dmd", f"init={pcd}", f"dmd.real={p1}", f"dmd.critic={p0}"))
+    assert "dmd.real" in str(e.value)
+    with pytest.raises(C.ConfigError, match="dmd.critic.*bidirectional"):
+        train_stage(tiny(tmp_path, "stage=dmd", f"init={pcd}", f"dmd.real={p0}", f"dmd.critic={p1}"))
+    with pytest.raises(C.ConfigError, match="dmd.real"):
+        train_stage(tiny(tmp_path, "stage=dmd", f"init={pcd}", f"dmd.critic={p0}"))
     with pytest.raises(C.ConfigError, match="init="):
-        train_stage(tiny(tmp_path, "stage=cd", f"distill.teacher={p1}", *FEW))
-    with pytest.raises(C.ConfigError, match="distill.teacher"):
+        train_stage(tiny(tmp_path, "stage=cd", f"cd.teacher={p1}", *FEW))
+    with pytest.raises(C.ConfigError, match="cd.teacher"):
         train_stage(tiny(tmp_path, "stage=cd", f"init={p1}", *FEW))
-    with pytest.raises(C.ConfigError, match="distill.teacher.*causal"):
-        train_stage(tiny(tmp_path, "stage=cd", f"init={p1}", f"distill.teacher={p0}", *FEW))
+    with pytest.raises(C.ConfigError, match="cd.teacher.*causal"):
+        train_stage(tiny(tmp_path, "stage=cd", f"init={p1}", f"cd.teacher={p0}", *FEW))
     with pytest.raises(C.ConfigError, match="init="):
-        train_stage(tiny(tmp_path, "stage=ode", f"distill.teacher={p1}", *FEW))
-    with pytest.raises(C.ConfigError, match="distill.ode_teacher"):
-        train_stage(tiny(tmp_path, "stage=ode", f"init={p1}", f"distill.teacher={p1}",
-                         "distill.ode_teacher=ar", *FEW))
+        train_stage(tiny(tmp_path, "stage=ode", f"ode.teacher={p1}", *FEW))
+    with pytest.raises(C.ConfigError, match="ode.teacher_kind"):
+        train_stage(tiny(tmp_path, "stage=ode", f"init={p1}", f"ode.teacher={p1}",
+                         "ode.teacher_kind=ar", *FEW))
     assert not list(tmp_path.rglob("step_*"))  # nothing was trained
 
 
 def test_ode_stage_reuses_its_pairs_and_refuses_another_store(tmp_path, base_ckpts):
     p1 = base_ckpts["stage1"]
-    ode = ["stage=ode", f"init={p1}", f"distill.teacher={p1}", "distill.num_pairs=3", "distill.shard_size=2",
-           f"distill.pairs_dir={tmp_path / 'pairs'}", *FEW]
+    ode = ["stage=ode", f"init={p1}", f"ode.teacher={p1}", "ode.num_pairs=3", "ode.shard_size=2",
+           f"ode.pairs_dir={tmp_path / 'pairs'}", *FEW]
     train_stage(tiny(tmp_path, "name=a", "train.steps=1", *ode))
     shards = sorted((tmp_path / "pairs").glob("shard_*.safetensors"))
     assert len(shards) == 2
@@ -811,11 +812,11 @@ def test_ode_stage_reuses_its_pairs_and_refuses_another_store(tmp_path, base_ckp
     assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in shards] == before
     assert ckpt.read_meta(path)["sampling"]["sigmas"] == pytest.approx(TWO_STEP64.tolist())
     with pytest.raises(PairStoreError, match="made with guidance="):
-        train_stage(tiny(tmp_path, "name=c", "train.steps=1", "distill.guidance=2.0", *ode))
+        train_stage(tiny(tmp_path, "name=c", "train.steps=1", "ode.guidance=2.0", *ode))
 
 
 # ================================================================================================
-# Recipes (pipeline.run_recipe) and the few-step CLI
+# Recipes (recipe.run_recipe) and the few-step CLI
 # ================================================================================================
 
 RECIPE_HEAD = """name: rc
@@ -824,9 +825,9 @@ stages:
   stage0: {{train: {{steps: 2}}}}
   stage1: {{train: {{steps: 2}}}}
 """
-RECIPE_TAIL = """  ode: {train: {steps: 2}, distill: {num_pairs: 3, shard_size: 2, grid_steps: 8, denoising_steps: [1000, 500]}}
-  cd: {init: "@stage1", train: {steps: 2}, distill: {grid_steps: 8, denoising_steps: [1000, 500]}}
-  dmd: {train: {steps: 3}, distill: {denoising_steps: [1000, 500], first_block_steps: [1000, 750, 500, 250], critic_ratio: 2}}
+RECIPE_TAIL = """  ode: {train: {steps: 2}, ode: {num_pairs: 3, shard_size: 2, grid_steps: 8}, few_step: {denoising_steps: [1000, 500]}}
+  cd: {init: "@stage1", train: {steps: 2}, cd: {grid_steps: 8}, few_step: {denoising_steps: [1000, 500]}}
+  dmd: {train: {steps: 3}, few_step: {denoising_steps: [1000, 500], first_block_steps: [1000, 750, 500, 250]}, dmd: {critic_ratio: 2}}
 """
 KEYS = ["stage0", "stage1", "ode", "cd", "dmd"]
 
@@ -866,10 +867,10 @@ def test_recipe_runs_every_stage_with_few_step_checkpoints(recipe_run):
     # the references: init = previous stage unless named, teachers = stage1, real/critic = stage0
     s = {k: str(by[k].ckpt) for k in KEYS}
     assert by["stage1"].cfg.init == s["stage0"]
-    assert by["ode"].cfg.init == s["stage1"] and by["ode"].cfg.distill.teacher == s["stage1"]
-    assert by["cd"].cfg.init == s["stage1"] and by["cd"].cfg.distill.teacher == s["stage1"]  # "@stage1"
+    assert by["ode"].cfg.init == s["stage1"] and by["ode"].cfg.ode.teacher == s["stage1"]
+    assert by["cd"].cfg.init == s["stage1"] and by["cd"].cfg.cd.teacher == s["stage1"]  # "@stage1"
     assert by["dmd"].cfg.init == s["cd"]
-    assert by["dmd"].cfg.distill.real == s["stage0"] and by["dmd"].cfg.distill.critic == s["stage0"]
+    assert by["dmd"].cfg.dmd.real == s["stage0"] and by["dmd"].cfg.dmd.critic == s["stage0"]
     assert len(list((out / "rc" / "ode" / "pairs").glob("shard_*.safetensors"))) == 2
     rows = [json.loads(x) for x in (out / "rc" / "dmd" / "metrics.jsonl").read_text().splitlines()]
     assert ["model/loss" in r for r in rows] == [True, False, True]  # critic_ratio 2
@@ -925,7 +926,7 @@ def test_recipe_error_names_a_changed_init(recipe_run, monkeypatch, tmp_path):
 def test_recipe_reference_to_an_unknown_stage(recipe_run, monkeypatch, tmp_path):
     _, out, _ = recipe_run
     bad = tmp_path / "bad.yaml"
-    bad.write_text(RECIPE_HEAD.format(base=TINY) + '  cd: {init: "@nosuch", distill: {grid_steps: 8}}\n')
+    bad.write_text(RECIPE_HEAD.format(base=TINY) + '  cd: {init: "@nosuch", cd: {grid_steps: 8}}\n')
     monkeypatch.setattr(pipeline, "train_stage", lambda cfg: pytest.fail("trained"))
     with pytest.raises(C.ConfigError, match="@nosuch") as e:  # stage0 and stage1 are reused, cd fails
         pipeline.run_recipe(bad, [], out_dir=str(out))

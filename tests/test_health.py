@@ -6,6 +6,7 @@ import torch
 
 from framecast.eval import health as Hm
 from framecast.eval import toy as T
+from framecast.stages import STAGES
 
 
 def rows(values, key="model/loss"):
@@ -18,21 +19,21 @@ def status(checks):
 
 def test_loss_trends():
     down = [1.0 / (1 + i) for i in range(50)]
-    assert status(Hm.loss_checks(rows(down), "stage0", from_scratch=True)) == {"model/loss": "OK"}
+    assert status(Hm.loss_checks(rows(down), STAGES["stage0"].loss_rule, from_scratch=True)) == {"model/loss": "OK"}
     flat = [0.1] * 50
-    assert status(Hm.loss_checks(rows(flat), "stage0", from_scratch=True)) == {"model/loss": "FAIL"}  # learnt nothing
-    assert status(Hm.loss_checks(rows(flat), "cd", from_scratch=False)) == {"model/loss": "OK"}
+    assert status(Hm.loss_checks(rows(flat), STAGES["stage0"].loss_rule, from_scratch=True)) == {"model/loss": "FAIL"}  # learnt nothing
+    assert status(Hm.loss_checks(rows(flat), STAGES["cd"].loss_rule, from_scratch=False)) == {"model/loss": "OK"}
     up = [0.1 * (1 + i / 10) for i in range(50)]
-    assert status(Hm.loss_checks(rows(up), "stage1", from_scratch=False)) == {"model/loss": "FAIL"}
-    assert status(Hm.loss_checks(rows(down[:10] + [math.nan]), "ode", False)) == {"model/loss": "FAIL"}
-    assert status(Hm.loss_checks([{"step": 1}], "ode", False)) == {"losses": "FAIL"}
+    assert status(Hm.loss_checks(rows(up), STAGES["stage1"].loss_rule, from_scratch=False)) == {"model/loss": "FAIL"}
+    assert status(Hm.loss_checks(rows(down[:10] + [math.nan]), STAGES["ode"].loss_rule, False)) == {"model/loss": "FAIL"}
+    assert status(Hm.loss_checks([{"step": 1}], STAGES["ode"].loss_rule, False)) == {"losses": "FAIL"}
 
 
 def test_dmd_checks_only_the_critic_for_blow_up():
     log = [{"model/loss": 5.0 * (i % 3), "critic/loss": 0.2} for i in range(30)]
-    assert status(Hm.loss_checks(log, "dmd", False)) == {"critic/loss": "OK"}
+    assert status(Hm.loss_checks(log, STAGES["dmd"].loss_rule, False)) == {"critic/loss": "OK"}
     log = [{"model/loss": 1.0, "critic/loss": 0.2 * 1.2 ** i} for i in range(30)]
-    assert status(Hm.loss_checks(log, "dmd", False)) == {"critic/loss": "FAIL"}
+    assert status(Hm.loss_checks(log, STAGES["dmd"].loss_rule, False)) == {"critic/loss": "FAIL"}
 
 
 def test_sample_verdicts_on_corrupted_clips(one_thread):

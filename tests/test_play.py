@@ -88,19 +88,22 @@ def test_held_key_is_the_next_frames_action_and_matches_a_direct_session(world):
             got.append(next_frame(ws))
         got.append(next_frame(ws))
     # replay the same actions on a direct session with the same seed and start frame
-    ref = Session(world.model, world.meta, text_encoder=world.text_encoder, window=world.window, seed=sid)
+    ref = Session(world.model, world.spec, text_encoder=world.text_encoder, codec=world.codec, window=world.window,
+                  seed=sid)
     ref.reset(first_frame=world.start_frame(sid), seed=sid)
     acts = [h["action"] for h, _ in got]
     assert acts[0] == "stay" and "left" in acts and acts[-1] == "stay"
     assert all(h["seq"] == 1 for h, _ in got if h["action"] == "left")  # each frame names the key change it answers
     diff_left_vs_stay = []
     for h, img in got:
-        x = ref.step(world.actions.index(h["action"]))
-        expect = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
+        x = ref.step(world.actions.index(h["action"]))  # decoded pixels: the server only quantises them
+        assert x.shape == tuple(world.spec.pixel_shape) and x.min() >= -1 and x.max() <= 1
+        expect = ((x + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
         assert (img.int() - expect.int()).abs().max() <= 1, h  # PNG is lossless; 1 level of float rounding
         assert h["cached"] <= world.window  # the rolling KV cache bounds memory
     # the action changes the frame: replay with 'stay' in place of 'left' and compare
-    alt = Session(world.model, world.meta, text_encoder=world.text_encoder, window=world.window, seed=sid)
+    alt = Session(world.model, world.spec, text_encoder=world.text_encoder, codec=world.codec, window=world.window,
+                  seed=sid)
     alt.reset(first_frame=world.start_frame(sid), seed=sid)
     ref.reset(first_frame=world.start_frame(sid), seed=sid)
     for h, _ in got:
@@ -180,7 +183,7 @@ def test_load_world_from_a_checkpoint(tmp_path, one_thread):
     refusal of bidirectional checkpoints and of recordings of the wrong size."""
     pytest.importorskip("minigrid")
     from framecast.data.envs import record
-    from framecast.pipeline import train_stage
+    from framecast.recipe import train_stage
 
     rec = tmp_path / "rec"
     record("minigrid", rec, episodes=2, frames=6, seed=0, tile=2, size=16, shard_size=2, progress=False)

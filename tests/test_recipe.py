@@ -8,7 +8,7 @@ from framecast import config as C
 def test_quickstart_recipe_loads_strictly(tmp_path):
     r = C.load_recipe(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml", ["train.threads=1"])
     assert [c.stage for c in r.stages] == ["stage0", "stage1", "cd", "dmd"]  # the full CF++ 2-step pipeline
-    assert r.stages[-1].distill.denoising_steps == [1000, 500]
+    assert r.stages[-1].few_step.denoising_steps == [1000, 500]
     assert all(c.name == "quickstart" and c.model.preset == "toy" and c.train.threads == 1 for c in r.stages)
     bad = tmp_path / "r.yaml"
     bad.write_text("base: {}\nstages: {stage0: {train: {stepz: 3}}}\n")
@@ -32,9 +32,9 @@ def test_toy_recipes_load_and_share_their_common_stages(name):
     assert dmd.run_dir.name == dmd.tag and dmd.tag.startswith("dmd")  # the key names the run directory
     assert dmd.init.startswith("@")  # DMD starts from the named Stage-2 checkpoint
     steps = {"1step": [1000], "2step": [1000, 500], "4step": [1000, 750, 500, 250]}[name.rsplit("_", 1)[1]]
-    assert dmd.distill.denoising_steps == steps
+    assert dmd.few_step.denoising_steps == steps
     if steps != [1000, 750, 500, 250]:  # 1/2-step models denoise the first frame with 4 steps (method.md §7.6)
-        assert dmd.distill.first_block_steps == [1000, 750, 500, 250]
+        assert dmd.few_step.first_block_steps == [1000, 750, 500, 250]
     # stages with the same key are the same run in every recipe (pipeline reuses them only if identical)
     base = {c.tag or c.stage: C.to_dict(c) for c in C.load_recipe(CONFIGS / "toy_framewise_2step.yaml").stages}
     for c in r.stages:
@@ -44,12 +44,12 @@ def test_toy_recipes_load_and_share_their_common_stages(name):
 
 def _resolved(path):
     """A recipe's stages with every `@ref` and default filled as `framecast pipeline` fills them."""
-    from framecast.pipeline import StageResult, _resolve_refs
+    from framecast.recipe import StageResult, resolve_refs
 
     done = {}
     for cfg in C.load_recipe(path).stages:
         key = cfg.tag or cfg.stage
-        cfg = _resolve_refs(cfg, done, key)
+        cfg = resolve_refs(cfg, done, key)
         done[key] = StageResult(key, cfg, cfg.run_dir / "ckpt", 0.0, False)
     return {k: C.to_dict(r.cfg) for k, r in done.items()}
 
@@ -65,21 +65,21 @@ def test_bench_recipe_reuses_the_toy_recipes_stages():
             assert bench[key] == cfg, (name, key)
             shared.add(key)
     assert set(bench) - shared == {"stage1_df", "dmd_ode_1step", "dmd_sf_1step", "cd_df", "dmd_df_2step"}
-    assert "/stage1_df/" in bench["cd_df"]["distill"]["teacher"] and "/stage1/" in bench["cd"]["distill"]["teacher"]
+    assert "/stage1_df/" in bench["cd_df"]["cd"]["teacher"] and "/stage1/" in bench["cd"]["cd"]["teacher"]
     from framecast.bench import METHODS
     assert {m.stage for m in METHODS if m.stage} <= set(bench)
 
 
 def test_recipe_stage_key_and_kind(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text("name: r\nstages: {stage0: {}, dmd_fast: {stage: dmd, distill: {denoising_steps: [1000]}}}\n")
+    p.write_text("name: r\nstages: {stage0: {}, dmd_fast: {stage: dmd, few_step: {denoising_steps: [1000]}}}\n")
     r = C.load_recipe(p)
     assert [(c.stage, c.tag) for c in r.stages] == [("stage0", ""), ("dmd", "dmd_fast")]
     assert r.stages[1].run_dir == Path("runs") / "r" / "dmd_fast" and r.stages[0].run_dir.name == "stage0"
     p.write_text("name: r\nstages: {x: {stage: nosuch}}\n")
-    from framecast.pipeline import stage_mode
+    from framecast.stages import mode_of
     with pytest.raises(C.ConfigError, match="nosuch"):
-        stage_mode(C.load_recipe(p).stages[0])
+        mode_of(C.load_recipe(p).stages[0])
 
 
 @pytest.mark.parametrize("env, size", [("minigrid", 32), ("breakout", 64)])
@@ -90,9 +90,9 @@ def test_world_model_recipes_are_action_conditioned_frame_wise_pipelines(env, si
     stages = {c.tag or c.stage: c for c in r.stages}
     assert [c.stage for c in r.stages] == ["stage0", "stage1", "cd", "dmd", "dmd", "ode", "dmd"]
     assert all(c.model.num_actions == 4 and c.data.name == "episodes" and c.data.height == size for c in r.stages)
-    assert stages["dmd_2step"].distill.denoising_steps == [1000, 500]
-    assert stages["dmd_1step"].distill.denoising_steps == [1000]
-    assert stages["ode_sf"].distill.ode_teacher == "bidirectional" and stages["stage1"].objective.block_size == 1
+    assert stages["dmd_2step"].few_step.denoising_steps == [1000, 500]
+    assert stages["dmd_1step"].few_step.denoising_steps == [1000]
+    assert stages["ode_sf"].ode.teacher_kind == "bidirectional" and stages["stage1"].objective.block_size == 1
     # 64x64 Breakout keeps the MiniGrid student's token count: patch 8 instead of 4
     tokens = (size // r.stages[0].model.patch_size[1]) ** 2
     assert tokens == 64

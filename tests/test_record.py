@@ -8,7 +8,8 @@ import torch
 pytest.importorskip("minigrid", reason="framecast record needs the [world] extra: pip install -e '.[world]'")
 
 from framecast.cli import main  # noqa: E402
-from framecast.data.envs import RecordError, load_episodes, record  # noqa: E402
+from framecast.data.envs import ENVS, Environment, EnvSpec, RecordError, load_episodes, record  # noqa: E402
+from framecast.errors import DataError, UserError  # noqa: E402
 
 
 def test_record_is_deterministic_resumable_and_aligned(tmp_path):
@@ -76,3 +77,18 @@ def test_record_breakout_64px_paddle_follows_actions(tmp_path):
     assert (dx[acts == 2] >= 0).all() and (dx[acts == 3] <= 0).all()
     assert (dx[acts == 2] > 0).any() and (dx[acts == 3] < 0).any()
     assert d["frames"].float().std() > 5  # a real screen, not a blank one
+
+
+def test_environments_are_one_class_each():
+    """The registry holds one Environment per name; play and the CLI read actions, keys and key_map from it."""
+    assert EnvSpec is Environment and issubclass(RecordError, DataError) and issubclass(RecordError, UserError)
+    for name, env in ENVS.items():
+        assert isinstance(env, Environment) and env.name == name and env.null_action == len(env.actions)
+        assert len(env.actions) == len(env.env_actions) == len(env.keys) and "stay" in env.actions
+        assert set(env.key_map.values()) == {a for a, k in zip(env.actions, env.keys) if k}
+    assert ENVS["minigrid"].key_map == {"ArrowLeft": "left", "ArrowRight": "right", "ArrowUp": "forward"}
+    assert ENVS["breakout"].key_map == {" ": "fire", "ArrowRight": "right", "ArrowLeft": "left"}
+    assert (ENVS["minigrid"].size, ENVS["breakout"].size) == (32, 64)
+    mg = ENVS["minigrid"]
+    assert mg.blocked(2, [1, 1, 0], [1, 1, 0]) and not mg.blocked(2, [1, 1, 0], [2, 1, 0])
+    assert not mg.blocked(0, [1, 1, 0], [1, 1, 0])  # a turn in place is not blocked

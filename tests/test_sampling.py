@@ -8,7 +8,7 @@ from framecast.models.conditioning import Cond
 from framecast.models.denoiser import Guidance
 from framecast.models.kv_cache import KVCache
 from framecast.eval.checks import Recorder, stream_vs_packed
-from framecast.rollout import generate, rollout
+from framecast.rollout import SelfRollout, generate, rollout
 from framecast.sampling import euler, few_step
 
 
@@ -133,8 +133,8 @@ def test_self_rollout_gradient_policy(tiny_model):
     cond = Cond(torch.randn(1, 4, 32))
     cache = model.new_cache()
     video = generate(model, torch.randn(1, 3, 3, 8, 8), cond, sampler=few_step, sigmas=sig[:2], first_sigmas=sig,
-                     block_size=1, cache=cache, exit_step=1, first_exit_step=2, commit_last=True,
-                     generator=torch.Generator().manual_seed(0), renoise_context=True, context_sigma=0.05)
+                     block_size=1, cache=cache, commit_last=True, generator=torch.Generator().manual_seed(0),
+                     self_rollout=SelfRollout(exit_step=1, first_exit_step=2, context_sigma=0.05))
     del model.velocity, model.commit
     # block 0: 3 forwards (exit 2 of the 4-step first schedule), blocks 1-2: 2 forwards (exit 1); commit after each
     kinds = [k for k, _ in grad_modes]

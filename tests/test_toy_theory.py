@@ -54,7 +54,7 @@ from framecast.models.conditioning import Cond
 from framecast.objectives.consistency import CausalCD
 from framecast.objectives.diffusion import FlowMatching
 from framecast.objectives.ode import ODERegression, generate_pairs
-from framecast.pipeline import build_denoiser
+from framecast.generate import build_denoiser
 from framecast.rollout import generate
 from framecast.sampling import few_step
 

@@ -10,7 +10,10 @@ import torch
 
 from framecast import config as C
 from framecast.cli import main
-from framecast.pipeline import load_model, train_stage
+from framecast.generate import load
+from framecast.recipe import train_stage
+from framecast.spec import SamplingSpec
+from framecast.stages import normalise
 from framecast.train import checkpoint as ckpt
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -37,8 +40,8 @@ def test_stage0_then_stage1_end_to_end(tmp_path):
     meta = ckpt.read_meta(p1)
     assert meta["stage"] == "stage1" and meta["sampling"]["causal"] and meta["sampling"]["block_size"] == 1
     assert meta["ema"] == ["model"]
-    model, meta2, cfg = load_model(p1)
-    assert cfg == c1 and meta2 == meta
+    m = load(p1)
+    assert m.config == normalise(c1) and m.spec == SamplingSpec.from_json(meta["sampling"])
 
 
 def test_resume_is_exact(tmp_path):
@@ -59,12 +62,12 @@ def test_truncated_checkpoint_gives_one_line_error(tmp_path):
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
     with pytest.raises(ckpt.CheckpointError) as e:
-        load_model(path)
+        load(path)
     msg = str(e.value)
     assert "model.safetensors" in msg and "corrupt or truncated" in msg and "\n" not in msg
     (path / "meta.json").write_text('{"stage": ')
     with pytest.raises(ckpt.CheckpointError, match="meta.json is corrupt"):
-        load_model(path)
+        load(path)
 
 
 def test_checkpoints_are_never_overwritten(tmp_path):
@@ -124,7 +127,8 @@ def test_vectors_recipe_trains(tmp_path):
     path = train_stage(cfg)
     rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3 and rows[-1]["model/loss"] > 0
-    assert ckpt.read_meta(path)["sampling"]["frame_shape"] == [2, 1, 1]
+    sm = ckpt.read_meta(path)["sampling"]
+    assert sm["latent_shape"] == sm["pixel_shape"] == [2, 1, 1] and sm["codec"] == "identity"
     with pytest.raises(ValueError, match="vector videos are"):
         train_stage(C.load(None, [f"out_dir={tmp_path}", "data.name=vectors", "name=bad", "train.progress=false"]))
 

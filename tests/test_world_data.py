@@ -14,9 +14,11 @@ from framecast.data.envs import load_episodes, record  # noqa: E402
 from framecast.models.conditioning import Cond  # noqa: E402
 from framecast.models.denoiser import Guidance  # noqa: E402
 from framecast.objectives.diffusion import drop_text  # noqa: E402
-from framecast.pipeline import build_data, load_model, run_recipe  # noqa: E402
+from framecast.generate import load  # noqa: E402
+from framecast.recipe import run_recipe  # noqa: E402
 from framecast.rollout import generate  # noqa: E402
 from framecast.sampling import euler  # noqa: E402
+from framecast.stages import build_data  # noqa: E402
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -54,14 +56,14 @@ def test_every_stage_trains_on_episodes(episodes, tmp_path, one_thread):
     recipe = tmp_path / "wm.yaml"
     recipe.write_text(
         f"name: wm\nbase: {TINY}\n"
-        f"stages:\n  stage0: {{}}\n  stage1: {{}}\n  cd: {{}}\n  ode: {{init: '@stage1', distill: {{num_pairs: 2, shard_size: 2}}}}\n"
-        f"  dmd: {{init: '@cd', distill: {{denoising_steps: [1000, 500]}}}}\n")
+        f"stages:\n  stage0: {{}}\n  stage1: {{}}\n  cd: {{}}\n  ode: {{init: '@stage1', ode: {{num_pairs: 2, shard_size: 2}}}}\n"
+        f"  dmd: {{init: '@cd', few_step: {{denoising_steps: [1000, 500]}}}}\n")
     over = ["data.name=episodes", f"data.path={episodes}", "model.num_actions=4", "train.steps=2",
             "train.lr=1.0e-2", "train.warmup=0", "sample.steps=2"]
     results = run_recipe(recipe, over, out_dir=str(tmp_path / "runs"), health_clips=0)
     assert [r.key for r in results] == ["stage0", "stage1", "cd", "ode", "dmd"]
     for r in results:
-        model, meta, _ = load_model(r.ckpt)
+        model = load(r.ckpt).denoiser
         assert model.action_embed.table.weight.abs().sum() > 0, r.key  # the zero-initialised embedder learnt
     from safetensors import safe_open  # the ODE pairs were generated, and are replayed, under their actions
     with safe_open(str(tmp_path / "runs" / "wm" / "ode" / "pairs" / "shard_00000.safetensors"), "pt") as f:
@@ -73,7 +75,7 @@ def test_every_stage_trains_on_episodes(episodes, tmp_path, one_thread):
         2, torch.Generator().manual_seed(0))
     assert pb.cond.actions.shape == (2, 4) and (pb.null.actions == 4).all()
     # guided streaming with actions: the null branch is sliced per block like the conditional one
-    model, meta, _ = load_model(results[1].ckpt)
+    model = load(results[1].ckpt).denoiser
     src = build_data(cfg(episodes))
     b = src.batch(2, torch.Generator().manual_seed(1))
     noise = torch.randn(b.video.shape, generator=torch.Generator().manual_seed(2))
@@ -85,8 +87,8 @@ def test_every_stage_trains_on_episodes(episodes, tmp_path, one_thread):
 
 def test_psnr_and_controllability(episodes, tmp_path, one_thread):
     from framecast.eval import world as W
-    from framecast.models.conditioning import build_text_encoder
-    from framecast.pipeline import build_denoiser, sampling_meta
+    from framecast.generate import LoadedModel, build_denoiser, codec_for, text_encoder_for
+    from framecast.stages import sampling_spec
 
     from .conftest import randomise
 
@@ -95,12 +97,12 @@ def test_psnr_and_controllability(episodes, tmp_path, one_thread):
     with pytest.raises(ValueError, match="psnr"):
         W.psnr(a, a[:1])
     c = cfg(episodes, "stage=stage1", "sample.steps=2")
-    model = randomise(build_denoiser(c.model)).eval()
-    enc = build_text_encoder("hash", c.model.text_dim, c.data.text_tokens, 0)
+    spec = sampling_spec(c)
+    model = LoadedModel(randomise(build_denoiser(c.model)).eval(), spec, codec_for(c), text_encoder_for(spec, c), c)
     ep = load_episodes(episodes)
     frames, actions = ep["frames"][:, :4], ep["actions"][:, :4]
-    m = W.controllability(model, sampling_meta(c), enc, frames, actions, context=1)
+    m = W.controllability(model, frames, actions, context=1)
     assert len(m["psnr_by_horizon"]) == 3 and m["delta_psnr"] == pytest.approx(m["psnr"] - m["psnr_shuffled"])
     assert m["delta_psnr"] != 0  # a random model with a random action embedder still reacts to actions
     with pytest.raises(ValueError, match="context"):
-        W.open_loop(model, sampling_meta(c), enc, frames, actions, context=4)
+        W.open_loop(model, frames, actions, context=4)

@@ -1,9 +1,10 @@
-"""World-model metrics (eval/world.py, docs/world_model.md, metrics): an IDM trained on a few hundred real MiniGrid
+"""World-model metrics (eval/world/, docs/world_model.md, metrics): an IDM trained on a few hundred real MiniGrid
 transitions reads actions far above the shuffled floor and is cached; the state probe has one head per state
 field of the right kind; loop closure on the real environment's own frames puts the four-turn view on top;
 world_metrics returns every key, and a model that ignores actions scores the same under shuffled actions."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +13,16 @@ import torch
 pytest.importorskip("minigrid", reason="needs the [world] extra: pip install -e '.[world]'")
 
 from framecast import config as C  # noqa: E402
-from framecast.data.envs import ENVS, _make_env, _view, load_episodes, record  # noqa: E402
+from framecast.data.envs import ENVS, RecordError, load_episodes, record  # noqa: E402
+from framecast.errors import CheckpointError  # noqa: E402
 from framecast.eval import world as W  # noqa: E402
-from framecast.models.conditioning import build_text_encoder  # noqa: E402
-from framecast.pipeline import build_denoiser, sampling_meta  # noqa: E402
+from framecast.eval.world import probes  # noqa: E402
+from framecast.generate import LoadedModel, build_denoiser, codec_for, text_encoder_for  # noqa: E402
+from framecast.stages import sampling_spec  # noqa: E402
 
 from .conftest import randomise  # noqa: E402
-from .test_world_data import TINY  # noqa: E402
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +75,15 @@ def test_idm_is_deterministic_and_cached(recordings, tmp_path, monkeypatch, one_
     def no_training(*a, **k):
         raise AssertionError("a cached IDM was retrained")
 
-    monkeypatch.setattr(W, "train_idm", no_training)
+    monkeypatch.setattr(probes, "train_idm", no_training)  # the name load_or_train_idm calls
     c, _ = W.load_or_train_idm(recordings[0], tmp_path, **kw)  # from the cache
     assert all(torch.equal(v, w) for v, w in zip(a.state_dict().values(), c.state_dict().values()))
     with pytest.raises(AssertionError, match="retrained"):  # other settings: another cache entry
         W.load_or_train_idm(recordings[0], tmp_path, **{**kw, "seed": 1})
     next(tmp_path.glob("*.safetensors")).write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match="unreadable.*delete it"):
+    with pytest.raises(CheckpointError, match="unreadable.*delete it"):
         W.load_or_train_idm(recordings[0], tmp_path, **kw)
-    with pytest.raises(FileNotFoundError, match="manifest.json"):
+    with pytest.raises(RecordError, match="manifest.json is missing"):  # a user error, printed as one line
         W.load_or_train_idm(tmp_path / "nowhere", tmp_path, **kw)
 
 
@@ -119,14 +123,14 @@ def test_ssim():
 
 def _env_rollouts(seeds, steps: int = 4):
     """The real environment as a perfect world model: start views and the views after each repeated action."""
-    env = _make_env("minigrid", 2)
     spec = ENVS["minigrid"]
+    env = spec.make(2)
     starts, out = [], {a: [] for a in W.LOOP_SEQUENCES}
     for s in seeds:
         for a in W.LOOP_SEQUENCES:
             obs, _ = env.reset(seed=s)
-            start = _view("minigrid", obs, 16)
-            views = [_view("minigrid", env.step(spec.env_actions[spec.actions.index(a)])[0], 16) for _ in range(steps)]
+            start = spec.view(obs, 16)
+            views = [spec.view(env.step(spec.env_actions[spec.actions.index(a)])[0], 16) for _ in range(steps)]
             out[a].append(np.stack(views))
         starts.append(start)
     to = lambda arr: W.to_video(torch.from_numpy(np.stack(arr)))  # noqa: E731
@@ -144,19 +148,20 @@ def test_loop_scores_on_the_real_environment():
     assert W.loop_scores(start, wrong)["loop_psnr"] == pytest.approx(m["half_turn_psnr"])
 
 
-def _tiny(recordings, stage="stage1"):
+def _tiny(recordings, stage="stage1") -> LoadedModel:
+    """A randomly initialised tiny world model, loaded as a checkpoint of `stage` would be."""
     c = C.load(TINY, ["data.name=episodes", f"data.path={recordings[0]}", "model.num_actions=4", f"stage={stage}",
                       "sample.steps=2"])
-    model = randomise(build_denoiser(c.model)).eval()
-    return model, sampling_meta(c), build_text_encoder("hash", c.model.text_dim, c.data.text_tokens, 0)
+    spec = sampling_spec(c)
+    return LoadedModel(randomise(build_denoiser(c.model)).eval(), spec, codec_for(c), text_encoder_for(spec, c), c)
 
 
 def test_world_metrics_keys_and_an_action_blind_model(recordings, idm, tmp_path, one_thread):
     probe, _ = W.load_or_train_probe(recordings[0], tmp_path, steps=5, batch_size=16, width=8, progress=False)
     ep = load_episodes(recordings[1])
     ep = {**ep, "frames": ep["frames"][:, :4], "actions": ep["actions"][:, :4], "state": ep["state"][:, :4]}
-    model, meta, enc = _tiny(recordings)
-    m = W.world_metrics(model, meta, enc, ep, idm, probe, episodes=4, loop_starts=2)
+    model = _tiny(recordings)
+    m = W.world_metrics(model, ep, idm, probe, episodes=4, loop_starts=2)
     keys = {"psnr", "psnr_shuffled", "delta_psnr", "ssim", "ssim_shuffled", "psnr_by_horizon", "idm_acc",
             "idm_acc_shuffled", "idm_acc_followed_shuffled", "idm_acc_by_horizon", "idm_confusion", "probe_x_mae",
             "probe_y_mae", "probe_heading_acc", "probe_x_mae_shuffled", "probe_heading_acc_shuffled", "loop"}
@@ -167,26 +172,29 @@ def test_world_metrics_keys_and_an_action_blind_model(recordings, idm, tmp_path,
     assert len(m["loop"]["by_step"]["left"]) == 4
     json.dumps(m)  # the benchmark writes it as is
     # the same psnr as controllability (same seed, same conventions)
-    ctl = W.controllability(model, meta, enc, ep["frames"][:4], ep["actions"][:4])
+    ctl = W.controllability(model, ep["frames"][:4], ep["actions"][:4])
     assert ctl["psnr"] == pytest.approx(m["psnr"]) and ctl["psnr_shuffled"] == pytest.approx(m["psnr_shuffled"])
     # a model whose action table is all zeros ignores actions: both rollouts are the same clip
     with torch.no_grad():
-        model.action_embed.table.weight.zero_()
-    blind = W.world_metrics(model, meta, enc, ep, idm, None, episodes=4, loop_starts=0)
+        model.denoiser.action_embed.table.weight.zero_()
+    blind = W.world_metrics(model, ep, idm, None, episodes=4, loop_starts=0)
     assert blind["delta_psnr"] == 0 and blind["idm_acc"] == blind["idm_acc_shuffled"] and blind["loop"] is None
     assert "probe_x_mae" not in blind
     with pytest.raises(ValueError, match="episodes"):
-        W.world_metrics(model, meta, enc, ep, idm, episodes=1)
+        W.world_metrics(model, ep, idm, episodes=1)
 
 
 def test_bidirectional_open_loop_keeps_the_context_clean(recordings, one_thread):
     """stage0 (one block spanning the clip) samples with cached clean context frames too, so the benchmark
     can evaluate it; its context is not part of the output."""
-    model, meta, enc = _tiny(recordings, "stage0")
-    assert not meta["causal"]
+    model = _tiny(recordings, "stage0")
+    assert not model.spec.causal
     ep = load_episodes(recordings[1])
-    out = W.open_loop(model, meta, enc, ep["frames"][:2, :4], ep["actions"][:2, :4], context=2)
+    out = W.open_loop(model, ep["frames"][:2, :4], ep["actions"][:2, :4], context=2)
     assert out.shape == (2, 2, 3, 16, 16) and torch.isfinite(out).all()
+    assert out.abs().max() <= 1  # decoded through LoadedModel.decode (the identity codec clamps to [-1, 1])
+    with pytest.raises(ValueError, match="the model makes"):
+        W.open_loop(model, ep["frames"][:2, :4, :, :8], ep["actions"][:2, :4], context=2)
 
 
 def test_benchmark_script_writes_json_and_table(recordings, tmp_path, one_thread):
@@ -194,9 +202,9 @@ def test_benchmark_script_writes_json_and_table(recordings, tmp_path, one_thread
     stage, skips the missing one, writes the ceiling/floor rows."""
     import importlib.util
 
-    from framecast.pipeline import run_recipe
+    from framecast.recipe import run_recipe
 
-    from .test_world_data import TINY as tiny
+    tiny = TINY
 
     recipe = tmp_path / "wm.yaml"
     recipe.write_text(f"name: wm\nbase: {tiny}\nstages:\n  stage0: {{}}\n  stage1: {{}}\n")

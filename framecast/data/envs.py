@@ -1,4 +1,4 @@
-"""Recorded episodes from real environments, for action-conditioned world models (issue: world model).
+"""Recorded episodes from real environments, for action-conditioned world models (docs/world_model.md).
 
     framecast record minigrid --out data/minigrid_train --episodes 2048 --frames 16 --seed 0
     framecast record breakout --out data/breakout_train --episodes 512 --frames 16 --seed 0
@@ -11,7 +11,9 @@ manifest (docs/world_model.md, environments):
     state    [E, F, S] int64         true state per frame, named by manifest["state_fields"] (state probes,
                                      loop-closure checks): MiniGrid x, y, heading; Breakout paddle x, ball x, y
 
-Both environments have a "stay" action (MiniGrid's `done`, a no-op in FourRooms; Breakout's NOOP), so a
+An environment is one `Environment` subclass (its actions and their keys, how to make it, its exploration
+policy, its state and its view) registered in `ENVS`; recording, loading and `framecast play` read nothing
+else. Both environments have a "stay" action (MiniGrid's `done`, a no-op in FourRooms; Breakout's NOOP), so a
 player who holds no key gets a world that waits, not the model's guess of a random action (the null action
 means "unknown action", for CFG).
 
@@ -25,82 +27,104 @@ one would have, and held-out data is just another seed. MiniGrid's egocentric 7x
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import DataError
+from ..schema import differing_keys, read_json
 
-class RecordError(RuntimeError):
+
+class RecordError(DataError):
     """A recording that cannot continue (a different manifest in the folder, a corrupt shard, no gymnasium)."""
 
 
-@dataclass(frozen=True)
-class EnvSpec:
-    env_id: str
-    actions: tuple[str, ...]     # framecast action ids 0..n-1; the null action is n
-    env_actions: tuple[int, ...]  # the environment's id for each
-    keys: tuple[str, ...]         # the browser key that plays each action (framecast play)
-    state_fields: tuple[str, ...]
-    size: int                     # default frame size
+def _missing(name: str, e: ImportError) -> RecordError:
+    return RecordError(f"recording {name!r} needs gymnasium, minigrid and ale-py: pip install -e '.[world]' ({e})")
+
+
+class Environment:
+    """One recordable environment. Subclasses set the class attributes and implement make / state / view;
+    the default policy and `blocked` suit any environment whose actions never fail visibly."""
+
+    name: ClassVar[str]
+    env_id: ClassVar[str]
+    actions: ClassVar[tuple[str, ...]]      # framecast action ids 0..n-1; the null action is n
+    env_actions: ClassVar[tuple[int, ...]]  # the environment's id for each
+    keys: ClassVar[tuple[str, ...]]         # the browser key that plays each action (framecast play)
+    state_fields: ClassVar[tuple[str, ...]]
+    size: ClassVar[int]                     # default frame size
 
     @property
     def key_map(self) -> dict[str, str]:
         """Browser key -> action name, for the actions that have a key (`stay` is no key held)."""
         return {k: a for k, a in zip(self.keys, self.actions) if k}
 
+    @property
+    def null_action(self) -> int:
+        return len(self.actions)
 
-ENVS = {
-    "minigrid": EnvSpec("MiniGrid-FourRooms-v0", ("left", "right", "forward", "stay"), (0, 1, 2, 6),
-                        ("ArrowLeft", "ArrowRight", "ArrowUp", ""), ("x", "y", "heading"), 32),
-    "breakout": EnvSpec("ALE/Breakout-v5", ("stay", "fire", "right", "left"), (0, 1, 2, 3),
-                        ("", " ", "ArrowRight", "ArrowLeft"), ("paddle_x", "ball_x", "ball_y"), 64),
-}
+    def make(self, tile: int):
+        """A fresh gymnasium environment rendering at `tile` px per cell where that applies."""
+        raise NotImplementedError
+
+    def policy_step(self, rng: np.random.Generator, prev: int, blocked: bool) -> int:
+        """The next exploration action (a framecast action id) after `prev` (-1 at the start)."""
+        return int(rng.integers(0, len(self.actions)))
+
+    def blocked(self, action: int, before: list[int], after: list[int]) -> bool:
+        """Did `action` fail to do what it says (the policy reacts to it)? Never, unless a subclass knows."""
+        return False
+
+    def state(self, env) -> list[int]:
+        """The true state of `env` now, one int per state field."""
+        raise NotImplementedError
+
+    def view(self, obs: Any, size: int) -> np.ndarray:
+        """The observation as a frame [3, size, size] uint8."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.env_id!r})"
 
 
-def _make_env(name: str, tile: int):
-    try:
-        import gymnasium as gym
-        if name == "minigrid":
+class MiniGrid(Environment):
+    """MiniGrid FourRooms, its egocentric 7x7-cell view padded to `size`. Exploration: mostly forward,
+    sometimes stay, and a turn when the last forward did not move the agent."""
+
+    name = "minigrid"
+    env_id = "MiniGrid-FourRooms-v0"
+    actions = ("left", "right", "forward", "stay")
+    env_actions = (0, 1, 2, 6)
+    keys = ("ArrowLeft", "ArrowRight", "ArrowUp", "")
+    state_fields = ("x", "y", "heading")
+    size = 32
+
+    def make(self, tile: int):
+        try:
+            import gymnasium as gym
             import minigrid  # noqa: F401  (registers the MiniGrid environments)
             from minigrid.wrappers import RGBImgPartialObsWrapper
-        else:
-            import ale_py
-    except ImportError as e:
-        raise RecordError(f"recording {name!r} needs gymnasium, minigrid and ale-py: pip install -e '.[world]' "
-                          f"({e})") from e
-    if name == "minigrid":
-        return RGBImgPartialObsWrapper(gym.make(ENVS[name].env_id, max_steps=1_000_000), tile_size=tile)
-    gym.register_envs(ale_py)
-    # sticky actions off: replaying a seed and its actions gives the same frames (docs/world_model.md, environments)
-    return gym.make(ENVS[name].env_id, repeat_action_probability=0.0, frameskip=4)
+        except ImportError as e:
+            raise _missing(self.name, e) from e
+        return RGBImgPartialObsWrapper(gym.make(self.env_id, max_steps=1_000_000), tile_size=tile)
 
-
-def _policy_step(name: str, rng: np.random.Generator, prev: int, blocked: bool) -> int:
-    """Exploration. MiniGrid: mostly forward, sometimes stay, turn when the last forward did not move the
-    agent. Breakout: sticky random actions, so the paddle travels and the ball gets launched."""
-    if name == "minigrid":
+    def policy_step(self, rng: np.random.Generator, prev: int, blocked: bool) -> int:
         if blocked:
             return int(rng.integers(0, 2))  # left or right
         return int(rng.choice(4, p=[0.15, 0.15, 0.55, 0.15]))
-    if prev >= 0 and rng.random() < 0.75:
-        return prev
-    return int(rng.choice(4, p=[0.2, 0.2, 0.3, 0.3]))
 
+    def blocked(self, action: int, before: list[int], after: list[int]) -> bool:
+        return self.actions[action] == "forward" and after == before
 
-def _state(name: str, env) -> list[int]:
-    u = env.unwrapped
-    if name == "minigrid":
+    def state(self, env) -> list[int]:
+        u = env.unwrapped
         return [int(u.agent_pos[0]), int(u.agent_pos[1]), int(u.agent_dir)]
-    ram = u.ale.getRAM()  # Breakout RAM: 72 paddle x, 99 ball x, 101 ball y
-    return [int(ram[72]), int(ram[99]), int(ram[101])]
 
-
-def _view(name: str, obs: Any, size: int) -> np.ndarray:
-    if name == "minigrid":
+    def view(self, obs: Any, size: int) -> np.ndarray:
         img = obs["image"]  # [h, w, 3] uint8
         h, w = img.shape[:2]
         if h > size or w > size:
@@ -109,31 +133,96 @@ def _view(name: str, obs: Any, size: int) -> np.ndarray:
         top, left = (size - h) // 2, (size - w) // 2
         pad[top:top + h, left:left + w] = img
         return pad.transpose(2, 0, 1)  # [3, size, size]
-    from PIL import Image
 
-    img = Image.fromarray(obs).resize((size, size), Image.BILINEAR)  # 210x160 -> size x size
-    return np.asarray(img).transpose(2, 0, 1).copy()
+
+class Breakout(Environment):
+    """Atari Breakout, sticky actions off (replaying a seed and its actions gives the same frames), the
+    210x160 screen resized to `size`. Exploration: sticky random actions, so the paddle travels and the ball
+    gets launched."""
+
+    name = "breakout"
+    env_id = "ALE/Breakout-v5"
+    actions = ("stay", "fire", "right", "left")
+    env_actions = (0, 1, 2, 3)
+    keys = ("", " ", "ArrowRight", "ArrowLeft")
+    state_fields = ("paddle_x", "ball_x", "ball_y")
+    size = 64
+
+    def make(self, tile: int):
+        try:
+            import ale_py
+            import gymnasium as gym
+        except ImportError as e:
+            raise _missing(self.name, e) from e
+        gym.register_envs(ale_py)
+        # sticky actions off: replaying a seed and its actions gives the same frames (docs/world_model.md)
+        return gym.make(self.env_id, repeat_action_probability=0.0, frameskip=4)
+
+    def policy_step(self, rng: np.random.Generator, prev: int, blocked: bool) -> int:
+        if prev >= 0 and rng.random() < 0.75:
+            return prev
+        return int(rng.choice(4, p=[0.2, 0.2, 0.3, 0.3]))
+
+    def state(self, env) -> list[int]:
+        ram = env.unwrapped.ale.getRAM()  # Breakout RAM: 72 paddle x, 99 ball x, 101 ball y
+        return [int(ram[72]), int(ram[99]), int(ram[101])]
+
+    def view(self, obs: Any, size: int) -> np.ndarray:
+        from PIL import Image
+
+        img = Image.fromarray(obs).resize((size, size), Image.BILINEAR)  # 210x160 -> size x size
+        return np.asarray(img).transpose(2, 0, 1).copy()
+
+
+ENVS: dict[str, Environment] = {e.name: e for e in (MiniGrid(), Breakout())}
+EnvSpec = Environment  # the name before environments were classes
+
+
+def get_env(name: str | Environment) -> Environment:
+    """The registered environment `name` (an Environment is returned as is)."""
+    if isinstance(name, Environment):
+        return name
+    if name not in ENVS:
+        raise RecordError(f"unknown environment {name!r}; choose one of {sorted(ENVS)}")
+    return ENVS[name]
 
 
 def record_episode(env, seed: int, episode: int, frames: int, size: int,
-                   name: str = "minigrid") -> dict[str, np.ndarray]:
-    spec = ENVS[name]
+                   environment: str | Environment = "minigrid") -> dict[str, np.ndarray]:
+    """Episode `episode` of the recording with `seed`: frames [F, 3, size, size], actions [F], state [F, S]."""
+    spec = get_env(environment)
     rng = np.random.default_rng([seed, episode])
     env_seed = int(np.random.SeedSequence([seed, episode]).generate_state(1)[0])
     obs, _ = env.reset(seed=env_seed)
-    out_f, out_a, out_s = [_view(name, obs, size)], [len(spec.actions)], [_state(name, env)]
+    out_f, out_a, out_s = [spec.view(obs, size)], [spec.null_action], [spec.state(env)]
     blocked, a = False, -1
     for _ in range(frames - 1):
-        a = _policy_step(name, rng, a, blocked)
-        before = _state(name, env)
+        a = spec.policy_step(rng, a, blocked)
+        before = spec.state(env)
         obs, _, terminated, truncated, _ = env.step(spec.env_actions[a])
-        blocked = name == "minigrid" and spec.actions[a] == "forward" and _state(name, env) == before
+        blocked = spec.blocked(a, before, spec.state(env))
         if terminated or truncated:  # Breakout game over inside an episode: start a new game, keep recording
             obs, _ = env.reset(seed=env_seed + len(out_f))
-        out_f.append(_view(name, obs, size))
+        out_f.append(spec.view(obs, size))
         out_a.append(a)
-        out_s.append(_state(name, env))
+        out_s.append(spec.state(env))
     return {"frames": np.stack(out_f), "actions": np.array(out_a, np.int64), "state": np.array(out_s, np.int64)}
+
+
+def _manifest(spec: Environment, out: Path, **settings: Any) -> dict[str, Any]:
+    """The recording's manifest, written if `out` has none; a different one already there is an error."""
+    manifest = {"env": spec.name, "env_id": spec.env_id, "actions": list(spec.actions),
+                "null_action": spec.null_action, "state_fields": list(spec.state_fields), **settings}
+    path = out / "manifest.json"
+    if path.exists():
+        old = read_manifest(out)
+        diff = differing_keys(old, manifest)
+        if diff:
+            raise RecordError(f"{out} holds a different recording ({diff[0]}: {old.get(diff[0])!r} there, "
+                              f"{manifest.get(diff[0])!r} asked); choose another --out")
+    else:
+        path.write_text(json.dumps(manifest, indent=1))
+    return manifest
 
 
 def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: int = 0, tile: int = 4,
@@ -141,37 +230,24 @@ def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: 
     """Record (or finish recording) `episodes` episodes into `out`; returns the manifest path."""
     from tqdm.auto import tqdm
 
-    if env_name not in ENVS:
-        raise RecordError(f"unknown environment {env_name!r}; choose one of {sorted(ENVS)}")
+    spec = get_env(env_name)
     for k, v in dict(episodes=episodes, frames=frames, tile=tile, shard_size=shard_size).items():
         if not isinstance(v, int) or v < 1:
             raise RecordError(f"{k} must be a positive integer, got {v!r}")
-    size = ENVS[env_name].size if size is None else size
+    size = spec.size if size is None else size
     if not isinstance(size, int) or size < 8:
         raise RecordError(f"size must be an integer >= 8, got {size!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    spec = ENVS[env_name]
-    manifest = {"env": env_name, "env_id": spec.env_id, "actions": list(spec.actions),
-                "null_action": len(spec.actions), "state_fields": list(spec.state_fields), "episodes": episodes,
-                "frames": frames, "seed": seed, "tile": tile, "size": size, "shard_size": shard_size}
-    path = out / "manifest.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-        if diff:
-            raise RecordError(f"{out} holds a different recording ({diff[0]}: {old.get(diff[0])!r} there, "
-                              f"{manifest.get(diff[0])!r} asked); choose another --out")
-    else:
-        path.write_text(json.dumps(manifest, indent=1))
-    env = _make_env(env_name, tile)
+    _manifest(spec, out, episodes=episodes, frames=frames, seed=seed, tile=tile, size=size, shard_size=shard_size)
+    env = spec.make(tile)
     shards = -(-episodes // shard_size)
     todo = [i for i in range(shards) if not (out / f"shard_{i:05d}.safetensors").exists()]
     done = episodes - sum(min(shard_size, episodes - i * shard_size) for i in todo)
-    bar = tqdm(total=episodes, initial=done, desc=f"record {env_name}", unit="ep", disable=not progress)
+    bar = tqdm(total=episodes, initial=done, desc=f"record {spec.name}", unit="ep", disable=not progress)
     for i in todo:
         eps = range(i * shard_size, min((i + 1) * shard_size, episodes))
-        rec = [record_episode(env, seed, e, frames, size, env_name) for e in eps]
+        rec = [record_episode(env, seed, e, frames, size, spec) for e in eps]
         tensors = {k: torch.from_numpy(np.ascontiguousarray(np.stack([r[k] for r in rec])))
                    for k in ("frames", "actions", "state")}
         tmp = out / f"shard_{i:05d}.tmp"
@@ -179,17 +255,22 @@ def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: 
         tmp.replace(out / f"shard_{i:05d}.safetensors")  # atomic: a cut-off run never leaves half a shard
         bar.update(len(eps))
     bar.close()
-    return path
+    return out / "manifest.json"
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    """The manifest of a recording, or a RecordError naming the folder."""
+    manifest = read_json(Path(root) / "manifest.json", "recording manifest", RecordError)
+    if not isinstance(manifest, dict):
+        raise RecordError(f"recording manifest {Path(root) / 'manifest.json'} is not a JSON object")
+    return manifest
 
 
 def load_episodes(root: str | Path) -> dict[str, torch.Tensor]:
     """All shards of a finished recording, concatenated: frames [E, F, 3, H, W] uint8, actions [E, F], state
     [E, F, S], and the manifest."""
     root = Path(root)
-    try:
-        manifest = json.loads((root / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RecordError(f"{root} has no readable manifest.json ({e})") from None
+    manifest = read_manifest(root)
     n = -(-manifest["episodes"] // manifest["shard_size"])
     parts = []
     for i in range(n):

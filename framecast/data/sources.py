@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..config import DataConfig
-from ..models.codecs import Codec
+from ..errors import ConfigError
+from ..models.codecs import Codec, uint8_to_pixels
 from ..models.conditioning import Cond, TextEncoder
 from .batch import Batch
 from .shapes import ShapesDataset, collate
@@ -47,16 +48,16 @@ class EpisodeSource(_Prompted):
         from .envs import load_episodes
 
         if not cfg.path:
-            raise ValueError("data.name=episodes needs data.path (a folder written by framecast record)")
+            raise ConfigError("data.name=episodes needs data.path (a folder written by framecast record)")
         ep = load_episodes(cfg.path)
         self.frames, self.actions = ep["frames"], ep["actions"]  # [E, T, 3, H, W] uint8, [E, T]
         E, T, C, H, W = self.frames.shape
         if (H, W) != (cfg.height, cfg.width) or T < cfg.num_frames:
-            raise ValueError(f"{cfg.path} holds {T}-frame episodes of {H}x{W}; the config asks for "
+            raise ConfigError(f"{cfg.path} holds {T}-frame episodes of {H}x{W}; the config asks for "
                              f"{cfg.num_frames} frames of {cfg.height}x{cfg.width}")
         null = int(ep["manifest"]["null_action"])  # = the number of actions; frame 0 of every episode has it
         if null != num_actions:
-            raise ValueError(f"{cfg.path} records {null} actions; set model.num_actions={null}")
+            raise ConfigError(f"{cfg.path} records {null} actions; set model.num_actions={null}")
         self.num_frames, self.null_action = cfg.num_frames, null
         self.text_encoder, self.codec = text_encoder, codec
 
@@ -65,7 +66,7 @@ class EpisodeSource(_Prompted):
         ep = torch.randint(0, E, (batch_size,), generator=generator)
         start = torch.randint(0, T - self.num_frames + 1, (batch_size,), generator=generator)
         idx = start[:, None] + torch.arange(self.num_frames)  # [B, F]
-        video = self.frames[ep[:, None], idx].float() / 127.5 - 1  # [B, F, 3, H, W] in [-1, 1]
+        video = uint8_to_pixels(self.frames[ep[:, None], idx])  # [B, F, 3, H, W] in [-1, 1]
         actions = self.actions[ep[:, None], idx]  # [B, F]
         text = self.text_encoder.encode([""] * batch_size)
         null = Cond(text.clone(), torch.full_like(actions, self.null_action))  # own storage: pair stores save both
@@ -79,11 +80,11 @@ def build_source(cfg: DataConfig, text_encoder: TextEncoder, codec: Codec, num_a
         from .vectors import VectorMixture, VectorSource
 
         if (cfg.height, cfg.width) != (1, 1) or codec.latent_channels != cfg.vector_dim:
-            raise ValueError(f"vector videos are [B, F, D={cfg.vector_dim}, 1, 1]: set data.height=data.width=1 "
+            raise ConfigError(f"vector videos are [B, F, D={cfg.vector_dim}, 1, 1]: set data.height=data.width=1 "
                              f"and model.in_channels=model.out_channels={cfg.vector_dim}, patch_size=[1,1,1]")
         mixture = VectorMixture.random(cfg.num_frames, cfg.vector_dim, cfg.vector_components, cfg.vector_std,
                                        cfg.seed)
         return VectorSource(mixture, text_encoder.dim, cfg.text_tokens)
     if cfg.name == "episodes":
         return EpisodeSource(cfg, text_encoder, codec, num_actions)
-    raise ValueError(f"unknown data source {cfg.name!r}; choose shapes, vectors or episodes")
+    raise ConfigError(f"unknown data source {cfg.name!r}; choose shapes, vectors or episodes")

@@ -21,7 +21,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..errors import DataError
 from ..models.conditioning import Cond
+from ..schema import differing_keys, read_json
 from .batch import Batch
 
 Tensor = torch.Tensor
@@ -30,7 +32,7 @@ FIELDS = ("states", "endpoint", "clean", "text", "null")
 ACTION_FIELDS = ("actions", "null_actions")  # [n, F] int64, world-model stores only (both or neither)
 
 
-class PairStoreError(RuntimeError):
+class PairStoreError(DataError):
     """A pair store that is corrupt or was made with other settings; the message names the problem."""
 
 
@@ -45,15 +47,12 @@ class PairStore:
         self.num_shards = -(-n // size)
         path = self.root / MANIFEST
         if path.is_file():
-            try:
-                saved = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                raise PairStoreError(f"{path} is corrupt; move the store away to regenerate it") from None
-            diff = sorted(k for k in set(saved) | set(self.manifest) if saved.get(k) != self.manifest.get(k))
+            saved = read_json(path, "pair-store manifest", PairStoreError)
+            diff = differing_keys(saved, self.manifest) if isinstance(saved, dict) else ["(not a JSON object)"]
             if diff:
-                k = diff[0]
+                k = diff[0].split(".")[0]
                 raise PairStoreError(f"pair store {self.root} was made with {k}={saved.get(k)!r}, not "
-                                     f"{self.manifest.get(k)!r}; set distill.pairs_dir to another folder")
+                                     f"{self.manifest.get(k)!r}; set ode.pairs_dir to another folder")
         else:
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{MANIFEST}.tmp")

@@ -8,7 +8,10 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ..errors import CheckpointError
 
 
 def load_or_train(cache_dir: str | Path, name: str, key: dict[str, Any], build: Callable[[dict], nn.Module],
@@ -16,9 +19,8 @@ def load_or_train(cache_dir: str | Path, name: str, key: dict[str, Any], build: 
     """(net in eval mode, info) from `<cache_dir>/<name>_<hash(key)>.safetensors`, or train() and store it.
 
     build(info) makes an untrained net to load the weights into; train() returns (net, stats) and info is
-    {**key, **stats}. A corrupt cache entry is an error naming the file, never silently retrained over."""
-    from safetensors.torch import load_file, save_file
-
+    {**key, **stats}. A corrupt cache entry is an error naming the file (a CheckpointError: a user error, which
+    the CLI prints as one line), never silently retrained over."""
     tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     path = Path(cache_dir) / f"{name}_{tag}.safetensors"
     if path.exists():
@@ -27,7 +29,7 @@ def load_or_train(cache_dir: str | Path, name: str, key: dict[str, Any], build: 
             net = build(info)
             net.load_state_dict(load_file(str(path)))
         except Exception as e:
-            raise RuntimeError(f"cached {what or name} {path} is unreadable ({e}); delete it to retrain") from e
+            raise CheckpointError(f"cached {what or name} {path} is unreadable ({e}); delete it to retrain") from e
         return net.eval(), info
     net, stats = train()
     info = {**key, **stats}

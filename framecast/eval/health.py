@@ -1,12 +1,13 @@
-"""Stage health check: after each stage, does it look like it worked? (issue: evidence, point 5)
+"""Stage health check: after each stage, does it look like it worked?
 
 Users of the official code cannot tell a failed stage from a working one until they look at videos by
 hand. Here every finished stage gets a verdict, printed and written to `<run>/health.json`:
 
-- **losses** (every stage): all logged losses finite; for the regression stages (stage0, stage1, ode, cd)
-  the mean of the last fifth of the log is not above the first fifth (x 1.10 slack); a from-scratch stage0
+- **losses** (every stage, by the stage's `LossRule` in the registry, stages.py): all logged losses finite;
+  for the regression stages (stage0, stage1, ode, cd: rule `no_rise`) the mean of the last fifth of the log is
+  not above the first fifth (x 1.10 slack); a stage trained from scratch with `halve_from_scratch` (stage0)
   must at least halve its loss. DMD's generator loss is a normalised gradient surrogate with no trend to
-  expect, so only its critic loss is checked for blow-up (last fifth <= 3 x first fifth).
+  expect, so its rule `critic_stable` checks only the critic loss for blow-up (last fifth <= 3 x first fifth).
 - **samples** (shapes toy): clips for held-out captions sampled as the checkpoint samples, scored with
   eval/toy.py against bounds set by this module's corruption baselines (tests/test_health.py): the noise
   baseline has fidelity ~0.04, a frozen clip has dynamic degree 0, a blank or washed-out clip holds no
@@ -24,12 +25,26 @@ from pathlib import Path
 
 import torch
 
+from ..generate import load
+from ..train.loop import read_log
 from . import toy as T
 
 FAIL, WARN, OK = "FAIL", "WARN", "OK"
 BOUNDS = {"fidelity": 0.2, "recognised": 0.5, "dynamic_degree": 0.1}  # FAIL below; see the module docstring
 REGRESSION = 0.25  # WARN when a distilled stage keeps less than 75% of its init's fidelity or dynamic degree
 REGRESSION_ABS = 0.15  # ... and lost at least this much: 16-32 clips give a dynamic degree +-0.08-0.11 (1 s.e.)
+
+
+@dataclass(frozen=True)
+class LossRule:
+    """What a stage's loss log must show (each registry record carries one)."""
+
+    kind: str = "no_rise"  # no_rise: regression losses must not rise | critic_stable: only critic/* checked
+    halve_from_scratch: bool = False  # trained from scratch (no init=), the loss must at least halve
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("no_rise", "critic_stable"):
+            raise ValueError(f"unknown loss rule {self.kind!r}; choose no_rise or critic_stable")
 
 
 @dataclass
@@ -71,7 +86,7 @@ def _fifths(values: list[float]) -> tuple[float, float]:
     return sum(values[:k]) / k, sum(values[-k:]) / k
 
 
-def loss_checks(rows: list[dict], kind: str, from_scratch: bool) -> list[Check]:
+def loss_checks(rows: list[dict], rule: LossRule, from_scratch: bool) -> list[Check]:
     keys = sorted({k for r in rows for k in r if k.endswith("loss")})
     if not keys:
         return [Check("losses", FAIL, "no loss was logged")]
@@ -83,11 +98,11 @@ def loss_checks(rows: list[dict], kind: str, from_scratch: bool) -> list[Check]:
             continue
         first, last = _fifths(vals)
         trend = f"{first:.4g} -> {last:.4g} (first/last fifth of {len(vals)} rows)"
-        if kind == "dmd":
+        if rule.kind == "critic_stable":
             if key.startswith("critic"):
                 out.append(Check(key, FAIL if last > 3 * first else OK, trend + "; critic must not blow up"))
             continue
-        if from_scratch and kind == "stage0":
+        if from_scratch and rule.halve_from_scratch:
             out.append(Check(key, OK if last <= 0.5 * first else FAIL, trend + "; from scratch it must halve"))
         else:
             out.append(Check(key, OK if last <= 1.10 * first else FAIL, trend + "; must not rise"))
@@ -116,30 +131,24 @@ def sample_checks(metrics: dict, init_metrics: dict | None) -> list[Check]:
 @torch.no_grad()
 def sample_metrics(ckpt_dir: str | Path, clips: int = 16, seed: int = 0) -> dict:
     """Toy metrics of `clips` samples for held-out captions (the data seed + 1), sampled as the checkpoint says."""
-    from ..models.conditioning import Cond
-    from ..pipeline import load_model, sample, text_encoder_for
-
-    model, meta, cfg = load_model(ckpt_dir)
-    sm, d = meta["sampling"], cfg.data
+    m = load(ckpt_dir)
+    d = m.config.data
     _, captions = T.real_clips(clips, d.num_frames, d.height, d.width, seed=d.seed + 1)
-    enc = text_encoder_for(cfg, sm)
-    video = sample(model, sm, Cond(enc.encode(captions)), Cond(enc.encode([""] * clips)), num_frames=d.num_frames,
-                   seed=seed)
-    return T.clip_metrics(video, captions)
+    return T.clip_metrics(m.sample(captions, num_frames=d.num_frames, seed=seed), captions)
 
 
-def check_stage(run_dir: str | Path, ckpt_dir: str | Path, kind: str, *, init: str = "", data: str = "shapes",
-                clips: int = 16) -> Health:
-    """Health of a finished stage; writes `<run_dir>/health.json` and returns it."""
+def check_stage(run_dir: str | Path, ckpt_dir: str | Path, rule: LossRule, *, init: str = "",
+                compare_init: bool = False, data: str = "shapes", clips: int = 16) -> Health:
+    """Health of a finished stage; writes `<run_dir>/health.json` and returns it.
+
+    `compare_init`: a distilled stage is also compared with its init's health (a regression is a WARN)."""
     run_dir = Path(run_dir)
-    from ..train.loop import read_log
-
     rows = read_log(run_dir)
-    h = Health(run_dir.name, loss_checks(rows, kind, from_scratch=not init), checkpoint=str(ckpt_dir))
+    h = Health(run_dir.name, loss_checks(rows, rule, from_scratch=not init), checkpoint=str(ckpt_dir))
     if data == "shapes":
         h.metrics = sample_metrics(ckpt_dir, clips)
         init_metrics = None
-        if init and kind in ("ode", "cd", "dmd"):
+        if init and compare_init:
             init_run = Path(init).parents[1]  # <run>/ckpt/step_N -> <run>
             prev = init_run / "health.json"
             init_metrics = json.loads(prev.read_text())["metrics"] if prev.exists() else None

@@ -1,34 +1,67 @@
 """Latent codecs behind one protocol: pixels [B, F, 3, H, W] in [-1, 1] <-> latents [B, F', C, H', W'].
 
-Frames are latent frames everywhere else in framecast (architecture.md §3); pixel <-> latent counts are converted
-only here. The toys use the identity codec (the "latent" is the image). The Wan VAE (4x temporal, 8x
-spatial, 16 channels, streaming decode) arrives with the Wan loading issue.
+Frames are latent frames everywhere else in framecast (architecture.md §3); pixel <-> latent counts and
+shapes are converted only here. A codec is named in the model config (`model.codec`) and in every
+checkpoint's sampling spec; data sources encode through it and every output path decodes through it once
+(`generate.LoadedModel.decode`, `stream.Session`). Causal codecs decode a stream latent frame by latent
+frame through a `StreamDecoder`, which keeps whatever state the codec needs between calls (the Wan VAE's
+causal-convolution cache, for example); the identity codec needs none.
+
+The toys use the identity codec: the "latent" is the image, so frame counts and shapes are equal.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
+
+from ..errors import ConfigError
 
 Tensor = torch.Tensor
 
 
+class StreamDecoder(Protocol):
+    def step(self, latents: Tensor) -> Tensor:
+        """The pixel frames [B, f, C, H, W] of the next latent frames [B, k, C', H', W'] of one stream."""
+        ...
+
+
 class Codec(Protocol):
+    name: str
     latent_channels: int
+    pixel_channels: int
 
     def encode(self, pixels: Tensor) -> Tensor: ...
 
     def decode(self, latents: Tensor) -> Tensor: ...
 
+    def decoder(self) -> StreamDecoder: ...
+
     def latent_frames(self, pixel_frames: int) -> int: ...
+
+    def pixel_frames(self, latent_frames: int) -> int: ...
+
+    def latent_shape(self, pixel_shape: tuple[int, int, int]) -> tuple[int, int, int]: ...
+
+
+class _Stateless:
+    """A stream decoder for codecs whose decode of a frame does not depend on earlier frames."""
+
+    def __init__(self, decode: Callable[[Tensor], Tensor]) -> None:
+        self._decode = decode
+
+    def step(self, latents: Tensor) -> Tensor:
+        return self._decode(latents)
 
 
 class IdentityCodec:
-    """Pixels are the latents; frame counts are equal."""
+    """Pixels are the latents; frame counts and shapes are equal. Decoding clamps to the pixel range."""
+
+    name = "identity"
 
     def __init__(self, channels: int = 3) -> None:
-        self.latent_channels = channels
+        self.latent_channels = self.pixel_channels = channels
 
     def encode(self, pixels: Tensor) -> Tensor:
         if pixels.ndim != 5 or pixels.shape[2] != self.latent_channels:
@@ -38,6 +71,34 @@ class IdentityCodec:
     def decode(self, latents: Tensor) -> Tensor:
         return latents.clamp(-1, 1)
 
+    def decoder(self) -> StreamDecoder:
+        return _Stateless(self.decode)
+
     def latent_frames(self, pixel_frames: int) -> int:
         return pixel_frames
 
+    def pixel_frames(self, latent_frames: int) -> int:
+        return latent_frames
+
+    def latent_shape(self, pixel_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        return tuple(pixel_shape)  # type: ignore[return-value]
+
+
+def uint8_to_pixels(frames: Tensor) -> Tensor:
+    """Stored frames (uint8 0..255, any shape) -> pixels in [-1, 1]: the one conversion of recorded frames."""
+    return frames.float() / 127.5 - 1
+
+
+def pixels_to_uint8(pixels: Tensor) -> Tensor:
+    """Pixels in [-1, 1] (clamped) -> uint8 0..255, rounded: the one conversion for files and the browser."""
+    return ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# name -> builder(latent_channels); a new codec (the Wan VAE) is one entry here
+CODECS: dict[str, Callable[[int], Codec]] = {"identity": IdentityCodec}
+
+
+def build_codec(name: str, latent_channels: int) -> Codec:
+    if name not in CODECS:
+        raise ConfigError(f"unknown codec {name!r} (model.codec); choose one of {sorted(CODECS)}")
+    return CODECS[name](latent_channels)

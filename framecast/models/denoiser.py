@@ -1,7 +1,8 @@
 """Denoiser: the one place that knows the parameterisation (velocity <-> x0), CFG and the cache commit.
 
 Objectives, samplers and the rollout talk to a `Denoiser`, never to the raw network (architecture.md §2).
-Anything with the same methods can stand in for it, e.g. the analytic teachers of `data/vectors.py`.
+Anything with the same methods can stand in for it, e.g. the analytic teachers of `data/vectors.py`. The
+network it wraps is any `Backbone` (backbone.py), e.g. `CausalWanTransformer`.
 
 CFG (method.md §12.1): `v = v_u + g (v_c - v_u)`. With guidance the conditional and null branches run as one
 doubled batch, so a KV cache used with guidance holds both branches (batch 2B) and every call on that
@@ -17,9 +18,9 @@ from torch import nn
 
 from .. import flow
 from .attention import AttentionPlan
+from .backbone import BIDIRECTIONAL, Backbone, layer_count
 from .conditioning import ActionEmbedder, Cond
 from .kv_cache import KVCache
-from .transformer import BIDIRECTIONAL, CausalWanTransformer
 
 Tensor = torch.Tensor
 
@@ -35,16 +36,16 @@ class Guidance:
 
 
 class Denoiser(nn.Module):
-    """Wraps the transformer (and the optional action embedder); these are the trainable parameters of a role."""
+    """Wraps the backbone (and the optional action embedder); these are the trainable parameters of a role."""
 
-    def __init__(self, net: CausalWanTransformer, action_embed: ActionEmbedder | None = None) -> None:
+    def __init__(self, net: Backbone, action_embed: ActionEmbedder | None = None) -> None:
         super().__init__()
         self.net = net
         self.action_embed = action_embed
 
     @property
     def num_layers(self) -> int:
-        return len(self.net.blocks)
+        return layer_count(self.net)
 
     def new_cache(self, *, block_size: int = 1, window: int = 0, sink: int = 0) -> KVCache:
         return KVCache(self.num_layers, block_size=block_size, window=window, sink=sink)

@@ -10,6 +10,11 @@ the forward is ours. It takes explicitly what the stock forward cannot express:
 * per-frame sigma (per-frame adaLN, so frames of one forward can sit at different noise levels);
 * an optional per-frame embedding added to the time embedding (action conditioning).
 
+The causal pieces (input checks, teacher-forcing packing, plan -> mask, absolute-position RoPE, the KV-cache
+side of self- and cross-attention, the lazy text embedding) live in backbone.py as plain functions behind
+the `Backbone` protocol; this module keeps only what is Wan's: patch embedding, time embedding, the blocks'
+module layout and the adaLN head.
+
 With a bidirectional plan and no cache the output equals the stock forward on the same weights
 (tests/test_transformer.py uses the stock class as the oracle).
 
@@ -25,21 +30,20 @@ from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 from ..config import ModelConfig
 from .attention import AttentionPlan
+from .backbone import (BIDIRECTIONAL, LazyText, TokenGrid, apply_rope, attend, cached_self_attention_kv,
+                       check_inputs, cross_attention_kv, pack_teacher_forcing, patchify, plan_mask, rope_3axis,
+                       unpatchify)
 from .kv_cache import KVCache
 
 Tensor = torch.Tensor
 
-BIDIRECTIONAL = AttentionPlan("bidirectional")
+__all__ = ["BIDIRECTIONAL", "CausalWanTransformer", "build_transformer", "count_params", "forward_flops"]
 
 
 class CausalWanTransformer(WanTransformer3DModel):
-    """Wan2.1 DiT whose causality is an argument (plan, cache), not a fork of the network."""
+    """Wan2.1 DiT whose causality is an argument (plan, cache), not a fork of the network (a `Backbone`)."""
 
     attention_backend = "sdpa"  # set per instance by `build_transformer`; "flex" is the CUDA opt-in
-
-    # ---------------------------------------------------------------------------------------------
-    # forward
-    # ---------------------------------------------------------------------------------------------
 
     def forward(  # type: ignore[override]
         self,
@@ -73,85 +77,21 @@ class CausalWanTransformer(WanTransformer3DModel):
         """
         if stock_kwargs:  # diffusers pipelines call transformer(hidden_states=..., timestep=..., ...)
             return super().forward(**stock_kwargs)
-        B, Fn, C, H, W = _check_video(x, self.config.in_channels, "x")
-        pt, ph, pw = self.config.patch_size
-        if pt != 1:
-            raise NotImplementedError(f"temporal patch size {pt} is not supported; frame-wise causality needs pt=1")
-        if H % ph or W % pw:
-            raise ValueError(f"frame size {H}x{W} is not divisible by the patch size {ph}x{pw}")
-        hp, wp = H // ph, W // pw
-        T = hp * wp
-        sigma = _check_sigma(sigma, B, Fn)
-        if text is None or text.ndim != 3 or text.shape[0] != B or text.shape[2] != self.config.text_dim:
-            raise ValueError(f"text must be [B={B}, tokens, text_dim={self.config.text_dim}], "
-                             f"got {None if text is None else tuple(text.shape)}")
-        if positions is None:
-            start = cache.end if cache is not None else 0
-            positions = torch.arange(start, start + Fn, device=x.device)
-        positions = positions.to(x.device)
-        if positions.shape != (Fn,):
-            raise ValueError(f"positions must have shape [{Fn}], got {tuple(positions.shape)}")
-        if frame_emb is not None and frame_emb.shape != (B, Fn, self.inner_dim):
-            raise ValueError(f"frame_emb must be [{B}, {Fn}, {self.inner_dim}], got {tuple(frame_emb.shape)}")
-        if commit and cache is None:
-            raise ValueError("commit=True needs a cache")
-
-        teacher_forcing = clean is not None
-        if teacher_forcing:
-            if plan.kind != "teacher_forcing" or cache is not None:
-                raise ValueError("a clean copy needs the teacher_forcing plan and no cache")
-            if clean.shape != x.shape:
-                raise ValueError(f"clean copy {tuple(clean.shape)} must match x {tuple(x.shape)}")
-            clean_sigma = torch.zeros_like(sigma) if clean_sigma is None else _check_sigma(clean_sigma, B, Fn)
-            x = torch.cat([clean, x], dim=1)  # [B, 2F, C, H, W]: clean copy first (method.md §3.3)
-            sigma = torch.cat([clean_sigma, sigma], dim=1)  # [B, 2F]
-            positions = torch.cat([positions, positions])  # twins share temporal positions
-            if frame_emb is not None:
-                frame_emb = torch.cat([frame_emb, frame_emb], dim=1)
-        elif plan.kind == "teacher_forcing" and cache is None:
-            raise ValueError("the teacher_forcing plan needs the clean copy (clean=...)")
-        Fs = x.shape[1]  # frames in the sequence (2F under teacher forcing)
-
-        # patchify: [B, Fs, C, H, W] -> [B, Fs*T, D]. The Conv3d has stride == kernel, so it is one matmul over
-        # non-overlapping (C, ph, pw) patches; as a linear it avoids the slow CPU convolution path (benchmarks/)
-        patches = x.reshape(B, Fs, -1, hp, ph, wp, pw).permute(0, 1, 3, 5, 2, 4, 6).flatten(4)  # [B,Fs,hp,wp,C*ph*pw]
-        conv = self.patch_embedding
-        h = F.linear(patches, conv.weight.flatten(1), conv.bias).flatten(1, 3)  # [B, Fs*T, D]
-
-        # per-frame time embedding: [B, Fs] -> temb [B, Fs, D], modulation [B, Fs, 6, D]
-        ce = self.condition_embedder
-        tproj = ce.timesteps_proj(sigma.flatten() * 1000.0)  # Wan's t = 1000 sigma
-        tdtype = next(ce.time_embedder.parameters()).dtype
-        temb = ce.time_embedder(tproj.to(tdtype)).unflatten(0, (B, Fs)).type_as(h)
-        if frame_emb is not None:
-            temb = temb + frame_emb.to(temb.dtype)
-        mod = ce.time_proj(ce.act_fn(temb)).unflatten(2, (6, -1))  # [B, Fs, 6, D]
-        text_states = _LazyText(ce.text_embedder, text)  # [B, Lt, D] when asked; a warm cache never asks
-
-        rope = self._rope(positions, hp, wp)  # complex [Fs*T, head_dim/2]
-        mask = None
-        if cache is None:
-            mask = self._mask(plan, Fn, T, x.device)
-
-        for i, block in enumerate(self.blocks):
-            args = (i, block, h, text_states, mod, rope, mask, cache, commit, T)
-            if torch.is_grad_enabled() and self.gradient_checkpointing and cache is None:
-                h = torch.utils.checkpoint.checkpoint(self._block, *args, use_reentrant=False)
-            else:
-                h = self._block(*args)
+        cfg = self.config
+        grid, sigma, positions = check_inputs(  # grid: B, F, H, W, T tokens per frame; sigma [B, F]
+            x, sigma, text, positions=positions, frame_emb=frame_emb, cache=cache, commit=commit,
+            channels=cfg.in_channels, text_dim=cfg.text_dim, dim=self.inner_dim, patch_size=cfg.patch_size)
+        x, sigma, positions, frame_emb = pack_teacher_forcing(  # [B, Fs, C, H, W], Fs = 2F under teacher forcing
+            x, sigma, positions, frame_emb, clean, clean_sigma, plan, cache)
+        h = self._patchify(x, grid)  # [B, Fs*T, D]
+        temb, mod = self._time_embedding(sigma, frame_emb, h)  # [B, Fs, D], [B, Fs, 6, D]
+        text_states = LazyText(self.condition_embedder.text_embedder, text)  # [B, Lt, D]; a warm cache never asks
+        rope = rope_3axis(positions, grid.hp, grid.wp, cfg.attention_head_dim)  # complex [Fs*T, head_dim/2]
+        mask = None if cache is not None else plan_mask(plan, grid.F, grid.T, h.device, self.attention_backend)
+        h = self._blocks(h, text_states, mod, rope, mask, cache, commit, grid.T)  # [B, Fs*T, D]
         if commit:
-            cache.commit(positions)
-
-        # adaLN head, per frame: [B, Fs, T, D]
-        shift, scale = (self.scale_shift_table[:, None] + temb[:, :, None]).unbind(2)  # each [B, Fs, D]
-        h = h.unflatten(1, (Fs, T))
-        h = (self.norm_out(h.float()) * (1 + scale[:, :, None]) + shift[:, :, None]).type_as(h)
-        if teacher_forcing:
-            h = h[:, Fn:]  # only the noisy half is predicted
-        out = self.proj_out(h)  # [B, F, T, ph*pw*Cout]
-        Cout = self.config.out_channels
-        out = out.reshape(B, Fn, hp, wp, ph, pw, Cout).permute(0, 1, 6, 2, 4, 3, 5)  # [B, F, C, hp, ph, wp, pw]
-        return out.reshape(B, Fn, Cout, H, W)
+            cache.commit(positions)  # type: ignore[union-attr]
+        return self._head(h, temb, grid)  # [B, F, C, H, W]
 
     # ---------------------------------------------------------------------------------------------
     # pieces
@@ -161,34 +101,45 @@ class CausalWanTransformer(WanTransformer3DModel):
     def inner_dim(self) -> int:
         return self.config.num_attention_heads * self.config.attention_head_dim
 
-    def _mask(self, plan: AttentionPlan, num_frames: int, T: int, device: torch.device):
-        if self.attention_backend == "flex" and plan.kind != "bidirectional":
-            return plan.block_mask(num_frames, T, device)
-        return plan.dense_mask(num_frames, T, device)
+    def _patchify(self, x: Tensor, grid: TokenGrid) -> Tensor:
+        """[B, Fs, C, H, W] -> [B, Fs*T, D]. The Conv3d has stride == kernel, so it is one matmul over
+        non-overlapping (C, ph, pw) patches; as a linear it avoids the slow CPU convolution path (benchmarks/)."""
+        conv = self.patch_embedding
+        return F.linear(patchify(x, grid), conv.weight.flatten(1), conv.bias).flatten(1, 3)
 
-    def _rope(self, positions: Tensor, hp: int, wp: int) -> Tensor:
-        """3-axis RoPE from absolute positions (no table, so an unbounded stream never runs past it).
+    def _time_embedding(self, sigma: Tensor, frame_emb: Tensor | None, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-frame time embedding: sigma [B, Fs] -> temb [B, Fs, D] (+ frame_emb), modulation [B, Fs, 6, D]."""
+        ce = self.condition_embedder
+        tproj = ce.timesteps_proj(sigma.flatten() * 1000.0)  # Wan's t = 1000 sigma
+        tdtype = next(ce.time_embedder.parameters()).dtype
+        temb = ce.time_embedder(tproj.to(tdtype)).unflatten(0, tuple(sigma.shape)).type_as(h)
+        if frame_emb is not None:
+            temb = temb + frame_emb.to(temb.dtype)
+        return temb, ce.time_proj(ce.act_fn(temb)).unflatten(2, (6, -1))
 
-        Same frequencies as diffusers' `WanRotaryPosEmbed` (head dim split t/h/w, theta 1e4), but the
-        temporal axis is indexed by `positions` instead of 0..F-1 (method.md §3.2 `causal_rope_apply`).
-        """
-        hd = self.config.attention_head_dim
-        h_dim = w_dim = 2 * (hd // 6)
-        t_dim = hd - h_dim - w_dim
-        dev = positions.device
+    def _blocks(self, h: Tensor, text: LazyText, mod: Tensor, rope: Tensor, mask, cache: KVCache | None,
+                commit: bool, T: int) -> Tensor:
+        """All blocks, each under gradient checkpointing when enabled (training, no cache)."""
+        checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing and cache is None
+        if checkpointing:
+            text.get()  # embed outside the checkpoints, or block 0's recomputation would save fewer tensors
+        for i, block in enumerate(self.blocks):
+            args = (i, block, h, text, mod, rope, mask, cache, commit, T)
+            if checkpointing:
+                h = torch.utils.checkpoint.checkpoint(self._block, *args, use_reentrant=False)
+            else:
+                h = self._block(*args)
+        return h
 
-        def angles(dim: int, pos: Tensor) -> Tensor:  # [N] -> [N, dim/2], float64 like the stock table
-            inv = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float64, device=dev)[: dim // 2] / dim))
-            return torch.outer(pos.to(torch.float64), inv)
+    def _head(self, h: Tensor, temb: Tensor, grid: TokenGrid) -> Tensor:
+        """adaLN head, per frame: [B, Fs*T, D] -> v [B, F, C, H, W] for the last F frames (x's half)."""
+        shift, scale = (self.scale_shift_table[:, None] + temb[:, :, None]).unbind(2)  # each [B, Fs, D]
+        h = h.unflatten(1, (-1, grid.T))  # [B, Fs, T, D]
+        h = (self.norm_out(h.float()) * (1 + scale[:, :, None]) + shift[:, :, None]).type_as(h)
+        h = h[:, h.shape[1] - grid.F:]  # under teacher forcing only the noisy half is predicted (method.md §3.3)
+        return unpatchify(self.proj_out(h), grid, self.config.out_channels)  # from [B, F, T, ph*pw*Cout]
 
-        Fs = positions.numel()
-        at = angles(t_dim, positions)[:, None, None].expand(Fs, hp, wp, -1)
-        ah = angles(h_dim, torch.arange(hp, device=dev))[None, :, None].expand(Fs, hp, wp, -1)
-        aw = angles(w_dim, torch.arange(wp, device=dev))[None, None, :].expand(Fs, hp, wp, -1)
-        a = torch.cat([at, ah, aw], dim=-1).reshape(Fs * hp * wp, hd // 2)
-        return torch.polar(torch.ones_like(a), a).to(torch.complex64)  # exp(i a), angles kept in float64
-
-    def _block(self, i: int, block, h: Tensor, text: "_LazyText", mod: Tensor, rope, mask, cache: KVCache | None,
+    def _block(self, i: int, block, h: Tensor, text: LazyText, mod: Tensor, rope, mask, cache: KVCache | None,
                commit: bool, T: int) -> Tensor:
         """One WanTransformerBlock with per-frame modulation, a plan mask and a KV cache."""
         B, L, D = h.shape
@@ -219,89 +170,27 @@ class CausalWanTransformer(WanTransformer3DModel):
         q = attn.norm_q(q).unflatten(2, (heads, -1))  # [B, L, H, Dh]
         k = attn.norm_k(k).unflatten(2, (heads, -1))
         v = v.unflatten(2, (heads, -1))
-        q, k = _apply_rope(q, rope), _apply_rope(k, rope)
-        if cache is not None:
-            if commit:
-                cache.stage(i, k, v)
-            ck, cv = cache.context(i)
-            if ck is not None:
-                k, v = torch.cat([ck.to(k.dtype), k], dim=1), torch.cat([cv.to(v.dtype), v], dim=1)
-        out = _attend(q, k, v, mask, self.attention_backend)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        k, v = cached_self_attention_kv(i, k, v, cache, commit)  # [B, Lc + L, H, Dh] (method.md §3.4)
+        out = attend(q, k, v, mask, self.attention_backend)
         return attn.to_out[1](attn.to_out[0](out.flatten(2).type_as(q)))
 
-    def _cross_attention(self, i: int, attn, n: Tensor, text: "_LazyText", cache: KVCache | None) -> Tensor:
+    def _cross_attention(self, i: int, attn, n: Tensor, text: LazyText, cache: KVCache | None) -> Tensor:
         if attn.add_k_proj is not None:
             raise NotImplementedError("image cross-attention (Wan I2V-14B add_k_proj) is not supported")
         heads = attn.heads
         q = attn.norm_q(attn.to_q(n)).unflatten(2, (heads, -1))
 
-        def text_kv() -> tuple[Tensor, Tensor]:
-            states = text.get()
+        def text_kv(states: Tensor) -> tuple[Tensor, Tensor]:
             if getattr(attn, "fused_projections", False):
                 k, v = attn.to_kv(states).chunk(2, dim=-1)
             else:
                 k, v = attn.to_k(states), attn.to_v(states)
             return attn.norm_k(k).unflatten(2, (heads, -1)), v.unflatten(2, (heads, -1))
 
-        # the per-prompt cache (keyed on the raw encoder states) holds detached K/V: use it only without grad
-        if cache is not None and not torch.is_grad_enabled():
-            k, v = cache.cross(i, text.raw, text_kv)
-        else:
-            k, v = text_kv()
-        out = _attend(q, k, v, None, "sdpa")
+        k, v = cross_attention_kv(i, cache, text, text_kv)  # per-prompt cache, without grad only
+        out = attend(q, k, v, None, "sdpa")
         return attn.to_out[1](attn.to_out[0](out.flatten(2).type_as(q)))
-
-
-class _LazyText:
-    """Text embedding computed on first use: streaming with a warm per-prompt cache skips the text MLP."""
-
-    def __init__(self, embed, raw: Tensor) -> None:
-        self.raw, self._embed, self._states = raw, embed, None
-
-    def get(self) -> Tensor:
-        if self._states is None:
-            self._states = self._embed(self.raw)
-        return self._states
-
-
-def _apply_rope(x: Tensor, rot: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x[2j], x[2j+1]) by the angle of pair j, as one complex product.
-
-    x [B, L, H, Dh] real; rot [L, Dh/2] complex exp(i angle). Same maths as diffusers' Wan processor.
-    """
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, L, H, Dh/2]
-    return torch.view_as_real(xc * rot[None, :, None]).flatten(-2).type_as(x)
-
-
-def _attend(q: Tensor, k: Tensor, v: Tensor, mask, backend: str) -> Tensor:
-    """[B, Lq, H, Dh] x [B, Lk, H, Dh] -> [B, Lq, H, Dh]."""
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if backend == "flex" and mask is not None and not isinstance(mask, Tensor):
-        from torch.nn.attention.flex_attention import flex_attention
-
-        out = flex_attention(q, k, v, block_mask=mask)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.transpose(1, 2)
-
-
-def _check_video(x: Tensor | None, channels: int, name: str) -> tuple[int, int, int, int, int]:
-    if x is None or x.ndim != 5:
-        raise ValueError(f"{name} must be a video [B, F, C, H, W], got {None if x is None else tuple(x.shape)}")
-    if x.shape[2] != channels:
-        raise ValueError(f"{name} has {x.shape[2]} channels, the model expects {channels} "
-                         f"(shape {tuple(x.shape)} read as [B, F, C, H, W])")
-    return tuple(x.shape)  # type: ignore[return-value]
-
-
-def _check_sigma(sigma: Tensor | None, B: int, Fn: int) -> Tensor:
-    if sigma is None:
-        raise ValueError("sigma is required ([B, F] noise level per frame)")
-    if sigma.ndim == 1 and sigma.shape[0] == B:
-        sigma = sigma[:, None].expand(B, Fn)
-    if sigma.shape != (B, Fn):
-        raise ValueError(f"sigma must be [B={B}, F={Fn}] (or [B]), got {tuple(sigma.shape)}")
-    return sigma.float()
 
 
 def build_transformer(cfg: ModelConfig, *, device: str | torch.device = "cpu") -> CausalWanTransformer:

@@ -27,7 +27,7 @@ from .. import flow
 from ..data.batch import Batch
 from ..models.attention import AttentionPlan
 from ..models.denoiser import Guidance
-from . import Losses
+from .base import Losses, Objective
 
 Tensor = torch.Tensor
 
@@ -42,7 +42,7 @@ def freeze(module):
     return module
 
 
-class CausalCD:
+class CausalCD(Objective):
     def __init__(self, model, teacher, *, steps: int, shift: float, block_size: int, guidance: float,
                  target_decay: float, few_step_sigmas: Tensor | None = None) -> None:
         if steps < 2:

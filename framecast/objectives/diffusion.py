@@ -22,7 +22,7 @@ from ..data.batch import Batch
 from ..models.attention import AttentionPlan
 from ..models.conditioning import Cond
 from ..models.denoiser import Denoiser
-from . import Losses
+from .base import Losses, Objective
 
 MODES = ("bidirectional", "teacher_forcing", "diffusion_forcing")
 
@@ -47,7 +47,7 @@ def drop_text(cond: Cond, null: Cond, p: float, generator: torch.Generator) -> C
     return Cond(text, actions)
 
 
-class FlowMatching:
+class FlowMatching(Objective):
     def __init__(self, model: Denoiser, flow_cfg: FlowConfig, obj: ObjectiveConfig) -> None:
         if obj.mode not in MODES:
             raise ValueError(f"unknown diffusion mode {obj.mode!r}; choose one of {MODES}")

@@ -4,9 +4,9 @@ Networks: the causal few-step generator G (role `model`), a bidirectional fake s
 `critic`, initialised from the bidirectional base, method.md §7.1) and the frozen bidirectional real score.
 
 Self-rollout (method.md §7.2). The generator streams the whole video through `rollout` with the `few_step`
-sampler and its KV cache: one random exit step e per iteration shared by all blocks (the first block draws
-its own e0 for its own schedule, method.md §7.6), only the exit forward keeps grad, the context is committed
-without grad. The data are never used: DMD is data-free (method.md §12.19).
+sampler and its KV cache under the `SelfRollout` gradient policy: one random exit step e per iteration shared
+by all blocks (the first block draws its own e0 for its own schedule, method.md §7.6), only the exit forward
+keeps grad, the context is committed without grad. The data are never used: DMD is data-free (method.md §12.19).
 
 Generator loss (method.md §7.3), one sigma per video, s = clamp(shift(U{0..999}/1000), min, max):
 
@@ -29,15 +29,15 @@ import torch
 from .. import flow
 from ..data.batch import Batch
 from ..models.denoiser import Guidance
-from ..rollout import generate
+from ..rollout import SelfRollout, generate
 from ..sampling import few_step
-from . import Losses
+from .base import Losses, Objective
 from .consistency import freeze
 
 Tensor = torch.Tensor
 
 
-class AsymmetricDMD:
+class AsymmetricDMD(Objective):
     ema_roles = ("model",)  # the critic keeps no EMA
 
     def __init__(self, model, critic, real, *, sigmas: Tensor, first_sigmas: Tensor | None, block_size: int,
@@ -67,9 +67,8 @@ class AsymmetricDMD:
         e, e0 = self.exit_steps(generator)
         noise = torch.randn(batch.video.shape, generator=generator).to(batch.video)
         return generate(self.model, noise, batch.cond, sampler=few_step, sigmas=self.sigmas,
-                        first_sigmas=self.first_sigmas, block_size=self.block_size, exit_step=e, first_exit_step=e0,
-                        context_sigma=self.context_sigma, renoise_context=self.context_sigma > 0,
-                        generator=generator)
+                        first_sigmas=self.first_sigmas, block_size=self.block_size,
+                        self_rollout=SelfRollout(e, e0, self.context_sigma), generator=generator)
 
     def dmd_sigma(self, batch_size: int, generator: torch.Generator) -> Tensor:
         """[B] one level per video: shift(U{0..T-1} / T) clamped to [min, max] (method.md §7.3, §12.11)."""

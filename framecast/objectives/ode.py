@@ -35,7 +35,7 @@ from ..models.conditioning import Cond
 from ..models.denoiser import Guidance
 from ..rollout import rollout
 from ..sampling import euler
-from . import Losses
+from .base import Losses, Objective
 
 Tensor = torch.Tensor
 TEACHERS = ("causal", "bidirectional")
@@ -96,7 +96,7 @@ def generate_pairs(teacher, x_gt: Tensor, cond: Cond, noise: Tensor, *, block_si
     return ODEPairs(states, anchors.float(), endpoint, x_gt)
 
 
-class ODERegression:
+class ODERegression(Objective):
     """x0-MSE of the student at the stored anchor states; the batch's `extra` holds states and endpoint."""
 
     def __init__(self, model, *, anchors: Tensor, block_size: int, teacher_kind: str = "causal") -> None:

@@ -2,7 +2,7 @@
 benchmarks/play_browser.py share this).
 
 Chromium is Debian's (`apt-get install chromium`), driven through Python playwright with `executable_path`;
-`playwright install` downloads browsers and is never used (docs/architecture.md, dependencies, browser testing). The numbers
+`playwright install` downloads browsers and is never used (docs/world_model.md). The numbers
 are what the page itself saw: frames per second between frame arrivals, first-frame latency from page load,
 key-to-frame latency from the key event to the first frame that answers it, and the server's resident memory
 reported in each frame's header.
@@ -37,7 +37,7 @@ class Server:
     def __init__(self, world, port: int = 0) -> None:
         import uvicorn
 
-        from . import MAX_MESSAGE, create_app
+        from .server import MAX_MESSAGE, create_app
 
         if not port:
             with socket.socket() as s:

@@ -25,12 +25,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import CheckpointError
+
 META = "meta.json"
 STATE = "trainer_state.pt"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or corrupt; the message names the file."""
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

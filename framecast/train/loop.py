@@ -5,12 +5,17 @@ samples and checkpoints; it does not know which method it trains. Per step:
 
     g = Generator(seed, step)                              # all randomness of the step, so resume is exact
     for micro-batch: losses = objective.losses(source.batch(B, g), step, g); (loss / accum).backward()
-    for each name returned: clip, optimiser step, EMA update
+    for each name returned: clip, optimiser step, EMA update, objective.after_update(name)
 
-A step that returns only some names (DMD's critic-only steps) steps only those optimisers. Three optional
-objective attributes keep method details out of the loop: `ema_roles` (which roles keep an EMA; default
-all), `after_update(name)` (called after each optimiser step, e.g. CD's target network) and
-`state_modules()` (extra networks saved in and restored from checkpoints, e.g. that target).
+A step that returns only some names (DMD's critic-only steps) steps only those optimisers. The objective
+subclasses `Objective` (objectives/base.py; a higher layer, so this module does not import it) and the
+trainer calls its hooks directly; their defaults do nothing, so a method overrides only those it needs and
+no method detail lives in the loop:
+
+    roles            one optimiser per role, keyed by the loss name
+    ema_role_names() which roles keep an EMA (`ema_roles`; default all; DMD: the generator only)
+    after_update(n)  after each optimiser step of role n (CD: move its target network, method.md §6)
+    state_modules()  extra networks saved in and restored from checkpoints as `obj_<name>` (CD: that target)
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, objective, source, *, run_dir: str | Path, meta: dict[str, Any],
                  sample_fn: Callable[[int, dict[str, nn.Module], Path], None] | None = None,
                  optim: dict[str, OptimSpec] | None = None) -> None:
+        """`objective`: an `objectives.Objective` (a higher layer, so not imported here; only its hooks are called)."""
         self.cfg, self.objective, self.source = cfg, objective, source
         self.run_dir = Path(run_dir)
         self.meta = meta
@@ -120,10 +126,10 @@ class Trainer:
             self.optimizers[name] = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas,
                                                       weight_decay=spec.weight_decay)
         self.base_lr = {n: o.param_groups[0]["lr"] for n, o in self.optimizers.items()}
-        ema_roles = getattr(objective, "ema_roles", tuple(self.roles))
+        ema_roles = objective.ema_role_names()
         self.ema = {n: EMA(self.roles[n], t.ema_decay) for n in ema_roles} if t.ema_decay > 0 else {}
         self.ema_live: set[str] = set()  # roles whose EMA has started (it starts as a copy at train.ema_start)
-        self.extra = objective.state_modules() if hasattr(objective, "state_modules") else {}
+        self.extra = dict(objective.state_modules())
         self.ckpt_root = self.run_dir / "ckpt"
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.state = TrainState()
@@ -204,55 +210,9 @@ class Trainer:
         window: dict[str, list[float]] = {}  # values since the last log row: rows hold means, so a loss that
         # only some steps return (DMD's generator every `critic_ratio` steps) is never dropped from the log
         for step in range(start, t.steps):
-            self._set_lr(step)
-            g = step_generator(t.seed, step)
-            sums: dict[str, float] = {}
-            names: list[str] = []
-            for _ in range(t.grad_accum):
-                batch = self.source.batch(t.batch_size, g).to(t.device)
-                with self._autocast():
-                    losses = self.objective.losses(batch, step, g)
-                unknown = set(losses) - set(self.optimizers)
-                if unknown:
-                    raise KeyError(f"objective returned losses {sorted(unknown)} with no trainable role")
-                for name, (loss, logs) in losses.items():
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss {name!r} is {loss.item()} at step {step}")
-                    (loss / t.grad_accum).backward()
-                    for k, v in logs.items():
-                        sums[f"{name}/{k}"] = sums.get(f"{name}/{k}", 0.0) + v / t.grad_accum
-                names = list(losses)
-            for name in names:
-                params = [p for p in self.roles[name].parameters() if p.requires_grad]
-                gn = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else None
-                self.optimizers[name].step()
-                self.optimizers[name].zero_grad(set_to_none=True)
-                if gn is not None:
-                    sums[f"{name}/grad_norm"] = float(gn)
-                if name in self.ema and step >= t.ema_start:
-                    if name in self.ema_live:
-                        self.ema[name].update(self.roles[name])
-                    else:  # the EMA is created from the weights at its first update after ema_start (method.md §7.5)
-                        self.ema[name].reset(self.roles[name])
-                        self.ema_live.add(name)
-                if hasattr(self.objective, "after_update"):
-                    self.objective.after_update(name)
-            done = step + 1
-            bar.update(1)
-            main = next((v for k, v in sums.items() if k.endswith("/loss")), None)
-            if main is not None and math.isfinite(main):
-                bar.set_postfix(loss=f"{main:.4f}")
-            for k, v in sums.items():
-                window.setdefault(k, []).append(v)
-            if step == start or done % max(t.log_every, 1) == 0 or done == t.steps:
-                means = {k: sum(v) / len(v) for k, v in window.items()}
-                self._log({"step": done, "time": round(time.perf_counter() - t0, 3), **means})
-                window = {}
-            if t.sample_every and done % t.sample_every == 0 and done != t.steps and self.sample_fn:
-                self._sample(done)
-            if t.ckpt_every and done % t.ckpt_every == 0 and done != t.steps:
-                self.save(done)
-                last_saved = done
+            sums = self._step(step, step_generator(t.seed, step))
+            if self._after_step(step, sums, first=step == start, window=window, bar=bar, t0=t0):
+                last_saved = step + 1
         bar.close()
         self.state.step = t.steps
         if t.steps != last_saved and t.steps > start:
@@ -260,6 +220,78 @@ class Trainer:
         if self.sample_fn:
             self._sample(t.steps)
         return self.state
+
+    def _step(self, step: int, g: torch.Generator) -> dict[str, float]:
+        """One optimisation step: the micro-batches' gradients, then each returned role's update.
+
+        Returns the step's logs, `<role>/<key>` averaged over the micro-batches, plus `<role>/grad_norm`.
+        """
+        self._set_lr(step)
+        sums: dict[str, float] = {}
+        names = self._accumulate(step, g, sums)
+        for name in names:
+            self._update(name, step, sums)
+        return sums
+
+    def _accumulate(self, step: int, g: torch.Generator, sums: dict[str, float]) -> list[str]:
+        """Backward `train.grad_accum` micro-batches drawn from `g`; returns the loss names of the last one."""
+        t = self.cfg.train
+        names: list[str] = []
+        for _ in range(t.grad_accum):
+            batch = self.source.batch(t.batch_size, g).to(t.device)
+            with self._autocast():
+                losses = self.objective.losses(batch, step, g)
+            unknown = set(losses) - set(self.optimizers)
+            if unknown:
+                raise KeyError(f"objective returned losses {sorted(unknown)} with no trainable role")
+            for name, (loss, logs) in losses.items():
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss {name!r} is {loss.item()} at step {step}")
+                (loss / t.grad_accum).backward()
+                for k, v in logs.items():
+                    sums[f"{name}/{k}"] = sums.get(f"{name}/{k}", 0.0) + v / t.grad_accum
+            names = list(losses)
+        return names
+
+    def _update(self, name: str, step: int, sums: dict[str, float]) -> None:
+        """Clip, step and zero role `name`'s optimiser, update its EMA, then the objective's `after_update`."""
+        t = self.cfg.train
+        params = [p for p in self.roles[name].parameters() if p.requires_grad]
+        gn = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else None
+        self.optimizers[name].step()
+        self.optimizers[name].zero_grad(set_to_none=True)
+        if gn is not None:
+            sums[f"{name}/grad_norm"] = float(gn)
+        if name in self.ema and step >= t.ema_start:
+            if name in self.ema_live:
+                self.ema[name].update(self.roles[name])
+            else:  # the EMA is created from the weights at its first update after ema_start (method.md §7.5)
+                self.ema[name].reset(self.roles[name])
+                self.ema_live.add(name)
+        self.objective.after_update(name)
+
+    def _after_step(self, step: int, sums: dict[str, float], *, first: bool, window: dict[str, list[float]],
+                    bar, t0: float) -> bool:
+        """Progress bar, log row (the means of `window`, which it then empties), samples and checkpoint after
+        `step`; `first`: the first step of this process. Returns whether a checkpoint was saved."""
+        t = self.cfg.train
+        done = step + 1
+        bar.update(1)
+        main = next((v for k, v in sums.items() if k.endswith("/loss")), None)
+        if main is not None and math.isfinite(main):
+            bar.set_postfix(loss=f"{main:.4f}")
+        for k, v in sums.items():
+            window.setdefault(k, []).append(v)
+        if first or done % max(t.log_every, 1) == 0 or done == t.steps:
+            means = {k: sum(v) / len(v) for k, v in window.items()}
+            self._log({"step": done, "time": round(time.perf_counter() - t0, 3), **means})
+            window.clear()
+        if t.sample_every and done % t.sample_every == 0 and done != t.steps and self.sample_fn:
+            self._sample(done)
+        if t.ckpt_every and done % t.ckpt_every == 0 and done != t.steps:
+            self.save(done)
+            return True
+        return False
 
     def _sample(self, step: int) -> None:
         """Samples come from the EMA weights where they exist (what the checkpoint samples with by default)."""
