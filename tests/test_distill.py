@@ -390,7 +390,7 @@ def test_dmd_rejects_bad_settings():
     with pytest.raises(ValueError, match="critic_ratio"):
         AsymmetricDMD(_model(1), _model(2), _model(3), sigmas=TWO_STEP, first_sigmas=None, block_size=1,
                       shift=SHIFT, real_guidance=4.0, critic_ratio=0, sigma_min=0.02, sigma_max=0.98)
-    with pytest.raises(ValueError, match="dmd_sigma_min"):
+    with pytest.raises(ValueError, match="dmd.sigma_min"):
         AsymmetricDMD(_model(1), _model(2), _model(3), sigmas=TWO_STEP, first_sigmas=None, block_size=1,
                       shift=SHIFT, real_guidance=4.0, critic_ratio=5, sigma_min=0.5, sigma_max=0.4)
 
@@ -463,7 +463,7 @@ def test_ode_regression_checks_the_store_layout():
     obj = ODERegression(_model(1), anchors=FOUR_STEP, block_size=1)
     with pytest.raises(ValueError, match="2 anchors"):
         obj.losses(_ode_batch(A=2), 0, torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="unknown ODE teacher"):
+    with pytest.raises(ValueError, match="unknown ode.teacher_kind"):
         ODERegression(_model(1), anchors=FOUR_STEP, block_size=1, teacher_kind="ar")
 
 

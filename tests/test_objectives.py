@@ -42,5 +42,5 @@ def test_teacher_forcing_uses_clean_context(tiny_model, monkeypatch):
 
 
 def test_unknown_mode_is_rejected(tiny_model):
-    with pytest.raises(ValueError, match="unknown diffusion mode"):
+    with pytest.raises(ValueError, match="unknown objective.mode"):
         FlowMatching(tiny_model, C.FlowConfig(), C.ObjectiveConfig(mode="forcing"))

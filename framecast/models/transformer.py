@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
+from ..errors import ConfigError
 from ..config import ModelConfig
 from .attention import AttentionPlan
 from .backbone import (BIDIRECTIONAL, LazyText, TokenGrid, apply_rope, attend, cached_self_attention_kv,
@@ -196,7 +197,7 @@ class CausalWanTransformer(WanTransformer3DModel):
 def build_transformer(cfg: ModelConfig, *, device: str | torch.device = "cpu") -> CausalWanTransformer:
     """Instantiate from a config preset. `device="meta"` builds the Wan-scale models without memory."""
     if cfg.attention_backend not in ("sdpa", "flex"):
-        raise ValueError(f"unknown attention backend {cfg.attention_backend!r}; choose sdpa or flex")
+        raise ConfigError(f"unknown attention backend {cfg.attention_backend!r}; choose sdpa or flex")
     with torch.device(device):
         net = CausalWanTransformer(
             patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,

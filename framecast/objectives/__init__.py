@@ -4,6 +4,6 @@ Each method subclasses `Objective` (base.py), which declares the hooks the train
 `roles`, `losses` and the optional `ema_roles`, `after_update`, `state_modules`.
 """
 
-from .base import Losses, Objective
+from ..train.objective import Losses, Objective
 
 __all__ = ["Losses", "Objective"]

@@ -23,11 +23,12 @@ import copy
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .. import flow
 from ..data.batch import Batch
 from ..models.attention import AttentionPlan
 from ..models.denoiser import Guidance
-from .base import Losses, Objective
+from . import Losses, Objective
 
 Tensor = torch.Tensor
 
@@ -46,9 +47,9 @@ class CausalCD(Objective):
     def __init__(self, model, teacher, *, steps: int, shift: float, block_size: int, guidance: float,
                  target_decay: float, few_step_sigmas: Tensor | None = None) -> None:
         if steps < 2:
-            raise ValueError(f"CD needs a grid of at least 2 steps, got {steps}")
+            raise ConfigError(f"cd.grid_steps must be >= 2 (a CD grid needs two points), got {steps}")
         if not 0.0 <= target_decay < 1.0:
-            raise ValueError(f"distill.target_decay must be in [0, 1), got {target_decay}")
+            raise ConfigError(f"cd.target_decay must be in [0, 1), got {target_decay}")
         if few_step_sigmas is not None:
             flow.grid_indices(few_step_sigmas.to(torch.float64), steps, shift)  # raises if a sigma is off-grid
         self.model, self.teacher = model, freeze(teacher)

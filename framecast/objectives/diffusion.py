@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from .. import flow
 from ..config import FlowConfig, ObjectiveConfig
 from ..data.batch import Batch
 from ..models.attention import AttentionPlan
 from ..models.conditioning import Cond
 from ..models.denoiser import Denoiser
-from .base import Losses, Objective
+from . import Losses, Objective
 
 MODES = ("bidirectional", "teacher_forcing", "diffusion_forcing")
 
@@ -50,9 +51,9 @@ def drop_text(cond: Cond, null: Cond, p: float, generator: torch.Generator) -> C
 class FlowMatching(Objective):
     def __init__(self, model: Denoiser, flow_cfg: FlowConfig, obj: ObjectiveConfig) -> None:
         if obj.mode not in MODES:
-            raise ValueError(f"unknown diffusion mode {obj.mode!r}; choose one of {MODES}")
+            raise ConfigError(f"unknown objective.mode {obj.mode!r}; choose one of {MODES}")
         if flow_cfg.weighting not in ("bell", "uniform"):
-            raise ValueError(f"unknown weighting {flow_cfg.weighting!r}; choose bell or uniform")
+            raise ConfigError(f"unknown flow.weighting {flow_cfg.weighting!r}; choose bell or uniform")
         self.model, self.flow, self.obj = model, flow_cfg, obj
         self.plan = plan_for_mode(obj.mode, obj)
         self.roles = {"model": model}

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from .. import flow
 from ..data.batch import Batch
 from ..models.denoiser import Guidance
 from ..rollout import SelfRollout, generate
 from ..sampling import few_step
-from .base import Losses, Objective
+from . import Losses, Objective
 from .consistency import freeze
 
 Tensor = torch.Tensor
@@ -44,9 +45,9 @@ class AsymmetricDMD(Objective):
                  shift: float, real_guidance: float, critic_ratio: int, sigma_min: float, sigma_max: float,
                  context_sigma: float = 0.0, num_train_timesteps: int = 1000) -> None:
         if critic_ratio < 1:
-            raise ValueError(f"distill.critic_ratio must be >= 1, got {critic_ratio}")
+            raise ConfigError(f"dmd.critic_ratio must be >= 1, got {critic_ratio}")
         if not 0.0 < sigma_min < sigma_max <= 1.0:
-            raise ValueError(f"need 0 < dmd_sigma_min < dmd_sigma_max <= 1, got {sigma_min}, {sigma_max}")
+            raise ConfigError(f"need 0 < dmd.sigma_min < dmd.sigma_max <= 1, got {sigma_min}, {sigma_max}")
         self.model, self.critic, self.real = model, critic, freeze(real)
         self.sigmas, self.first_sigmas = sigmas.float(), None if first_sigmas is None else first_sigmas.float()
         self.block_size, self.shift, self.ratio = block_size, shift, critic_ratio

@@ -28,14 +28,16 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from .. import flow
 from ..data.batch import Batch
 from ..models.attention import AttentionPlan
 from ..models.conditioning import Cond
 from ..models.denoiser import Guidance
+from ..train.loop import step_generator
 from ..rollout import rollout
 from ..sampling import euler
-from .base import Losses, Objective
+from . import Losses, Objective
 
 Tensor = torch.Tensor
 TEACHERS = ("causal", "bidirectional")
@@ -72,7 +74,7 @@ def generate_pairs(teacher, x_gt: Tensor, cond: Cond, noise: Tensor, *, block_si
     idx = flow.grid_indices(anchors.to(torch.float64), steps, shift)  # fails loudly if anchors are off the grid
     sig32 = sig.float()
     if teacher_kind not in TEACHERS:
-        raise ValueError(f"unknown ODE teacher {teacher_kind!r}; choose one of {TEACHERS}")
+        raise ConfigError(f"unknown ode.teacher_kind {teacher_kind!r}; choose one of {TEACHERS}")
     if teacher_kind == "bidirectional":
         states, endpoint = _packed(teacher, noise, cond, sig32, idx, guidance, plan=AttentionPlan("bidirectional"))
     elif mode == "packed":
@@ -92,7 +94,7 @@ def generate_pairs(teacher, x_gt: Tensor, cond: Cond, noise: Tensor, *, block_si
             blocks.append(blk.x0)
         states, endpoint = torch.cat(block_states, dim=2), torch.cat(blocks, dim=1)
     else:
-        raise ValueError(f"unknown ODE-pair mode {mode!r}; choose cached or packed")
+        raise ConfigError(f"unknown ode.pair_mode {mode!r}; choose cached or packed")
     return ODEPairs(states, anchors.float(), endpoint, x_gt)
 
 
@@ -101,7 +103,7 @@ class ODERegression(Objective):
 
     def __init__(self, model, *, anchors: Tensor, block_size: int, teacher_kind: str = "causal") -> None:
         if teacher_kind not in TEACHERS:
-            raise ValueError(f"unknown ODE teacher {teacher_kind!r}; choose one of {TEACHERS}")
+            raise ConfigError(f"unknown ode.teacher_kind {teacher_kind!r}; choose one of {TEACHERS}")
         self.model, self.anchors, self.kind = model, anchors.float(), teacher_kind
         self.block_size = block_size
         kind = "teacher_forcing" if teacher_kind == "causal" else "block_causal"
@@ -147,7 +149,7 @@ def write_pairs(store, teacher, source, *, block_size: int, steps: int, shift: f
                desc="ode pairs", unit="traj", dynamic_ncols=True)
     for i in todo:
         t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        g = step_generator(seed, i)
         # drawn on the CPU generator (the same pairs on any device), then moved to the teacher's device
         batch = source.batch(store.shard_len(i), g)
         noise = torch.randn(batch.video.shape, generator=g)

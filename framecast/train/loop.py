@@ -8,8 +8,7 @@ samples and checkpoints; it does not know which method it trains. Per step:
     for each name returned: clip, optimiser step, EMA update, objective.after_update(name)
 
 A step that returns only some names (DMD's critic-only steps) steps only those optimisers. The objective
-subclasses `Objective` (objectives/base.py; a higher layer, so this module does not import it) and the
-trainer calls its hooks directly; their defaults do nothing, so a method overrides only those it needs and
+subclasses `Objective` (train/objective.py) and the trainer calls its hooks directly; their defaults do nothing, so a method overrides only those it needs and
 no method detail lives in the loop:
 
     roles            one optimiser per role, keyed by the loss name
@@ -32,9 +31,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..config import RunConfig, to_dict
+from ..config import ConfigError, RunConfig, from_dict, to_dict, upgrade
+from ..errors import UserError
 from . import checkpoint as ckpt
 from .ema import EMA
+from .objective import Objective
 
 
 @dataclass
@@ -50,7 +51,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another live process is training this run directory."""
 
 
@@ -99,6 +100,8 @@ def run_lock(run_dir: Path):
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of step (or shard, or item) `step` of a run seeded `seed`: all its randomness, so a resumed
+    run draws exactly what the uninterrupted one would have."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
@@ -106,7 +109,10 @@ class Trainer:
     def __init__(self, cfg: RunConfig, objective, source, *, run_dir: str | Path, meta: dict[str, Any],
                  sample_fn: Callable[[int, dict[str, nn.Module], Path], None] | None = None,
                  optim: dict[str, OptimSpec] | None = None) -> None:
-        """`objective`: an `objectives.Objective` (a higher layer, so not imported here; only its hooks are called)."""
+        """`objective`: an `Objective` (train/objective.py); the loop calls only its losses and hooks."""
+        if not isinstance(objective, Objective):
+            raise TypeError(f"the trainer needs an Objective subclass (framecast.train.objective), got "
+                            f"{type(objective).__name__}")
         self.cfg, self.objective, self.source = cfg, objective, source
         self.run_dir = Path(run_dir)
         self.meta = meta
@@ -114,7 +120,7 @@ class Trainer:
         self.roles: dict[str, nn.Module] = dict(objective.roles)
         t = cfg.train
         if t.grad_accum < 1 or t.batch_size < 1 or t.steps < 0:
-            raise ValueError(f"train.batch_size, train.grad_accum must be >= 1 and train.steps >= 0, got "
+            raise ConfigError(f"train.batch_size, train.grad_accum must be >= 1 and train.steps >= 0, got "
                              f"{t.batch_size}, {t.grad_accum}, {t.steps}")
         specs = optim or {}
         self.optimizers = {}
@@ -140,7 +146,7 @@ class Trainer:
         if self.cfg.train.amp == "bf16":
             return torch.autocast(device_type=torch.device(self.cfg.train.device).type, dtype=torch.bfloat16)
         if self.cfg.train.amp != "none":
-            raise ValueError(f"unknown train.amp {self.cfg.train.amp!r}; choose none or bf16")
+            raise ConfigError(f"unknown train.amp {self.cfg.train.amp!r}; choose none or bf16")
         return contextlib.nullcontext()
 
     def _set_lr(self, step: int) -> None:
@@ -166,7 +172,11 @@ class Trainer:
         if last is None:
             return 0
         saved = ckpt.read_meta(last)
-        if saved.get("config", {}).get("model") != to_dict(self.cfg)["model"]:
+        try:  # configs stored by older versions are upgraded before the comparison (config.upgrade)
+            saved_model = to_dict(from_dict(upgrade(saved.get("config", {}))))["model"]
+        except ConfigError as e:
+            raise ckpt.CheckpointError(f"{last} holds a config this framecast cannot read ({e})") from None
+        if saved_model != to_dict(self.cfg)["model"]:
             raise ckpt.CheckpointError(f"{last} was trained with a different model config; use another run name "
                                        f"(name=...) instead of resuming it")
         for n, m in self.roles.items():

@@ -1,6 +1,7 @@
-"""The `Objective` base class: what the trainer may ask of a method (architecture.md §2).
+"""The `Objective` base class: the trainer's contract with a method (architecture.md §2).
 
-An objective receives its networks from the pipeline (never builds them), declares which of them train
+It lives beside the trainer because it is what the trainer may ask; the methods (framecast/objectives/)
+subclass it. An objective receives its networks from its stage (stages.py, never builds them), declares which of them train
 (`roles`, one optimiser each, keyed by the loss name) and returns named losses per step. Every other hook
 the trainer (train/loop.py) calls has a no-op default here, so a method overrides only what it needs:
 
