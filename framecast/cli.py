@@ -49,33 +49,84 @@ def _pipeline(args: argparse.Namespace) -> None:
         print(f"{r.key:>12}: {'reused' if r.reused else f'{r.seconds:.0f} s'}  {r.ckpt}")
 
 
+def _context(m, args):
+    """Clean context latents [1, P, C, h, w] from --image (I2V) or --video (continuation), or None."""
+    from .media import read_image, read_video
+
+    _, H, W = m.spec.pixel_shape
+    if args.image and args.video:
+        raise C.ConfigError("give --image (image-to-video) or --video (continuation), not both")
+    if args.image:
+        pixels = read_image(args.image, H, W)[None, None]  # [1, 1, 3, H, W]
+    elif args.video:
+        pixels = read_video(args.video, H, W)[None]  # [1, F, 3, H, W]
+        j = 1
+        while m.codec.pixel_frames(j + 1) <= pixels.shape[1]:
+            j += 1
+        pixels = pixels[:, :m.codec.pixel_frames(j)]  # the whole latent frames only (Wan VAE: 1 + 4k frames)
+    else:
+        return None
+    return m.codec.encode(pixels.to(next(m.denoiser.parameters())))
+
+
 def _sample(args: argparse.Namespace) -> None:
     import torch
 
     from .generate import load
-    from .media import grid, write_video
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    m = load(args.ckpt, use_ema=args.ema)
+    m = load(args.model, base=args.base, use_ema=args.ema, device=args.device)
+    if args.height or args.width:
+        m = m.at_size(args.height or m.spec.pixel_shape[1], args.width or m.spec.pixel_shape[2])
     prompts = args.prompt or m.config.sample.prompts
     prompts = [p for p in prompts for _ in range(args.num)]
+    ctx = _context(m, args)
+    total = m.codec.latent_frames(args.frames) if args.frames else m.spec.num_frames  # latent frames out
+    P = 0 if ctx is None else ctx.shape[1]
+    if total <= P:
+        raise C.ConfigError(f"--frames {args.frames} leaves nothing to generate after the {P} context latent frames")
     t0 = time.perf_counter()
-    latents = m.sample_latents(prompts, num_frames=args.frames or m.spec.num_frames, seed=args.seed,
-                               steps=args.steps, guidance=args.guidance, window=args.window, sampler=args.sampler,
-                               denoising_steps=args.denoising_steps, force=args.force)
+    latents = m.sample_latents(prompts, num_frames=total - P, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                               window=args.window, sink=args.sink, sampler=args.sampler,
+                               denoising_steps=args.denoising_steps, force=args.force,
+                               context=None if ctx is None else ctx.expand(len(prompts), *ctx.shape[1:]))
+    if ctx is not None:
+        latents = torch.cat([ctx.expand(len(prompts), *ctx.shape[1:]), latents], dim=1)
     video = m.decode(latents)  # the one decode point of this output path
     dt = time.perf_counter() - t0
-    out = Path(args.out)
-    if out.suffix in (".gif", ".mp4", ".pt"):
-        out = out.with_suffix("")
-    path = {ext: out.with_name(f"{out.name}.{ext}") for ext in ("gif", "mp4", "pt")}  # keeps dots in names
-    for ext in ("gif", "mp4"):
-        write_video(grid(video), path[ext], fps=m.config.sample.fps)
-    if args.save_tensor:
-        torch.save(video, path["pt"])
-    print(f"wrote {path['gif']} and .mp4: {video.shape[0]} videos x {video.shape[1]} frames "
+    _write_sample(video, Path(args.out), m.config.sample.fps, args.save_tensor)
+    print(f"wrote {args.out}: {video.shape[0]} videos x {video.shape[1]} frames of {video.shape[3]}x{video.shape[4]} "
           f"in {dt:.1f}s ({video.shape[0] * video.shape[1] / dt:.1f} frames/s)")
+
+
+def _write_sample(video, out: Path, fps: int, save_tensor: bool) -> None:
+    """`out` with a .gif/.mp4 suffix: that file; without one: both (and .pt with save_tensor)."""
+    import torch
+
+    from .media import display_scale, grid, write_video
+
+    clip = video[0] if video.shape[0] == 1 else grid(video)  # [F, 3, H, W]
+    scale = display_scale(*clip.shape[-2:])
+    suffixes = [out.suffix] if out.suffix in (".gif", ".mp4") else [".gif", ".mp4"]
+    stem = out.with_suffix("") if out.suffix in (".gif", ".mp4", ".pt") else out
+    for ext in suffixes:
+        write_video(clip, stem.with_name(stem.name + ext), fps=fps, scale=scale)
+    if save_tensor:
+        torch.save(video, stem.with_name(stem.name + ".pt"))
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from .models import wan
+
+    print(wan.format_inspect(wan.inspect(args.path)))
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .generate import convert
+
+    path = convert(args.path, args.out, base=args.base, use_ema=args.ema, preset=args.preset)
+    print(f"framecast checkpoint: {path}")
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -95,8 +146,10 @@ def _record(args: argparse.Namespace) -> None:
 def _play(args: argparse.Namespace) -> None:
     from .play import serve
 
-    serve(args.ckpt, host=args.host, port=args.port, threads=args.threads, start=args.start, window=args.window,
-          env=args.env, fps=args.fps, max_sessions=args.max_sessions, max_frames=args.max_frames, device=args.device)
+    size = (args.height, args.width) if args.height and args.width else None
+    serve(args.model, host=args.host, port=args.port, threads=args.threads, start=args.start, window=args.window,
+          env=args.env, fps=args.fps, max_sessions=args.max_sessions, max_frames=args.max_frames, device=args.device,
+          base=args.base, prompt=args.prompt, size=size)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -133,27 +186,50 @@ def _add_train(sub) -> None:
 def _add_sample(sub) -> None:
     from .sampling import SAMPLERS
 
-    s = sub.add_parser("sample", help="sample a video from a checkpoint (writes .gif and .mp4)")
-    s.add_argument("--ckpt", required=True, help="checkpoint dir, ckpt/ root or run-stage dir")
+    s = sub.add_parser("sample", help="sample a video from a model (framecast checkpoint, Wan2.1 folder, CF/SF .pt)")
+    s.add_argument("--model", "--ckpt", dest="model", required=True,
+                   help="a framecast checkpoint (dir, ckpt/ root or run-stage dir), a Wan2.1 folder (diffusers or "
+                        "original layout) or an official Causal Forcing / Self Forcing / CausVid model.pt")
+    s.add_argument("--base", default=None, help="the Wan2.1 folder a model.pt (or converted checkpoint) builds on")
     s.add_argument("--prompt", action="append", help="prompt (repeatable); default: the run's sample prompts")
     s.add_argument("--num", type=int, default=1, help="videos per prompt")
-    s.add_argument("--frames", type=int, default=0, help="frames to generate (default: training length)")
+    s.add_argument("--frames", type=int, default=0, help="frames of the output video (Wan: 1 + 4k; default: the "
+                   "training clip length)")
+    s.add_argument("--height", type=int, default=0, help="frame height in pixels (default: the model's)")
+    s.add_argument("--width", type=int, default=0, help="frame width in pixels (default: the model's)")
+    s.add_argument("--image", default=None, help="image-to-video: this first frame is encoded and kept as context")
+    s.add_argument("--video", default=None, help="continuation: these frames are encoded and kept as context")
     s.add_argument("--steps", type=int, default=None, help="Euler steps per block")
     s.add_argument("--guidance", type=float, default=None, help="CFG scale")
-    s.add_argument("--window", type=int, default=None, help="attention window in frames (streaming)")
+    s.add_argument("--window", type=int, default=None, help="attention window in latent frames (rolling KV cache)")
+    s.add_argument("--sink", type=int, default=None, help="first frames that stay in the window (sink)")
     s.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
                    help="override the checkpoint's sampler (refused for the wrong kind of model unless --force)")
     s.add_argument("--denoising-steps", type=int, nargs="+", default=None,
                    help="few-step list in the warped convention, e.g. 1000 500 (default: the checkpoint's)")
     s.add_argument("--force", action="store_true", help="sample with a sampler the model was not trained for")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--threads", type=int, default=0,
                    help="torch threads (0: torch's default); use 1 when other jobs keep the cores busy, since "
                         "oversubscribed threads can slow small models by 10-100x")
     s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="use EMA weights")
-    s.add_argument("--out", default="sample", help="output path without extension")
-    s.add_argument("--save-tensor", action="store_true", help="also save the raw frames as .pt")
+    s.add_argument("--out", default="sample", help="clip.mp4 / clip.gif, or a name without extension for both")
+    s.add_argument("--save-tensor", action="store_true", help="also save the decoded frames as .pt")
     s.set_defaults(fn=_sample)
+    i = sub.add_parser("inspect", help="what a path holds (format, components, parameters, dtype, sampling preset), "
+                       "without loading weights")
+    i.add_argument("path")
+    i.set_defaults(fn=_inspect)
+    c = sub.add_parser("convert", help="write a Wan2.1 folder, an official .pt or a framecast run as a framecast "
+                       "checkpoint (safetensors)")
+    c.add_argument("path")
+    c.add_argument("--out", required=True, help="the new checkpoint's folder (must not exist)")
+    c.add_argument("--base", default=None, help="the Wan2.1 folder a model.pt builds on")
+    c.add_argument("--preset", default=None, help="sampling preset of an official checkpoint, e.g. framewise-2step")
+    c.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="official .pt: generator_ema (default when present) or generator")
+    c.set_defaults(fn=_convert)
 
 
 def _add_record(sub) -> None:
@@ -174,7 +250,13 @@ def _add_record(sub) -> None:
 
 def _add_play(sub) -> None:
     y = sub.add_parser("play", help="serve a causal (world) model live: a page streams frames, held keys are actions")
-    y.add_argument("--ckpt", required=True, help="a causal checkpoint, e.g. runs/minigrid/dmd_2step")
+    y.add_argument("--model", "--ckpt", dest="model", required=True,
+                   help="a causal model: a framecast checkpoint (e.g. runs/minigrid/dmd_2step) or an official .pt")
+    y.add_argument("--base", default=None, help="the Wan2.1 folder an official .pt builds on")
+    y.add_argument("--prompt", default=None, help="text models: the prompt a session starts with (the page can "
+                   "switch it)")
+    y.add_argument("--height", type=int, default=0, help="text-to-video frame height in pixels")
+    y.add_argument("--width", type=int, default=0, help="text-to-video frame width in pixels")
     y.add_argument("--start", default=None, help="recording whose first frames start sessions (default: the "
                    "checkpoint's training recording; none: the model draws the first frame)")
     y.add_argument("--host", default="127.0.0.1")

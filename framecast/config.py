@@ -5,9 +5,8 @@ value of the wrong type is a `ConfigError` naming the key):
 
     defaults (this file)  ->  YAML recipe (`configs/*.yaml`)  ->  command-line `a.b=c` overrides
 
-`model.preset` names a size preset (`tiny`, `toy`, `wan2.1-1.3b`, `wan2.1-14b`); keys given next to it
-in the same mapping override the preset's values. The resolved config is written into every run
-directory and every checkpoint, so a checkpoint is self-describing (architecture.md §5).
+`model.preset` names a size preset (`tiny`, `toy`, `wan2.1-1.3b`, `wan2.1-14b`); keys next to it override
+it. The resolved config is written into every run and checkpoint (architecture.md §5).
 """
 
 from __future__ import annotations
@@ -50,6 +49,7 @@ class ModelConfig:
     attention_backend: str = "sdpa"  # sdpa (dense boolean mask, CPU + training) | flex (CUDA, opt-in)
     gradient_checkpointing: bool = False
     codec: str = "identity"  # the latent codec (models/codecs.py): identity = the frames are the latents (toys)
+    codec_source: str = ""  # the codec's weights (a Wan VAE folder or .pth); identity needs none
 
     @property
     def dim(self) -> int:
@@ -91,7 +91,8 @@ class DataConfig:
     width: int = 32
     seed: int = 0
     length: int = 100_000  # virtual dataset size; samples are generated on demand
-    text_encoder: str = "hash"  # hash | minilm
+    text_encoder: str = "hash"  # hash | minilm | umt5
+    text_encoder_source: str = ""  # the text encoder's weights and tokenizer (umt5: a folder or .pth)
     text_tokens: int = 16
     # vectors only: frames are `dim`-vectors from a Gaussian mixture (data/vectors.py)
     vector_dim: int = 2

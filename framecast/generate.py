@@ -13,16 +13,18 @@ method trained a checkpoint: its `SamplingSpec` says how to sample it (spec.py).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import config as C
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .models.codecs import Codec, build_codec
 from .models.conditioning import ActionEmbedder, Cond, TextEncoder, build_text_encoder
 from .models.denoiser import Denoiser, Guidance
+from .models import wan
 from .models.transformer import build_transformer
 from .rollout import generate, rollout
 from .sampling import SAMPLERS
@@ -39,12 +41,14 @@ def build_denoiser(mc: C.ModelConfig, device: str | torch.device = "cpu") -> Den
 
 
 def text_encoder_for(spec: SamplingSpec, cfg: C.RunConfig) -> TextEncoder:
-    """The text encoder a checkpoint was trained with (its spec names it; the config sizes it)."""
-    return build_text_encoder(spec.text_encoder, cfg.model.text_dim, spec.text_tokens, cfg.data.seed)
+    """The text encoder a checkpoint was trained with (its spec names it; the config sizes it and says where
+    its weights are)."""
+    return build_text_encoder(spec.text_encoder, cfg.model.text_dim, spec.text_tokens, cfg.data.seed,
+                              source=cfg.data.text_encoder_source or None)
 
 
 def codec_for(cfg: C.RunConfig) -> Codec:
-    return build_codec(cfg.model.codec, cfg.model.in_channels)
+    return build_codec(cfg.model.codec, cfg.model.in_channels, source=cfg.model.codec_source or None)
 
 
 def stored_config(src: Path, meta: dict) -> C.RunConfig:
@@ -106,10 +110,23 @@ class LoadedModel:
     text_encoder: TextEncoder
     config: C.RunConfig
     path: Path | None = None
+    info: dict = dataclasses.field(default_factory=dict)  # what was read: format, weights, sampling preset
 
     def encode_prompts(self, prompts: list[str]) -> tuple[Cond, Cond]:
-        """(conditional, null) conditioning of a batch of prompts (the null branch is the empty prompt)."""
-        return Cond(self.text_encoder.encode(prompts)), Cond(self.text_encoder.encode([""] * len(prompts)))
+        """(conditional, null) conditioning of a batch of prompts (the null branch: the spec's negative prompt)."""
+        null = [self.spec.negative_prompt] * len(prompts)
+        return Cond(self.text_encoder.encode(prompts)), Cond(self.text_encoder.encode(null))
+
+    def at_size(self, height: int, width: int) -> LoadedModel:
+        """This model sampling frames of height x width pixels; a size the codec or the patch cannot divide is
+        one ConfigError naming both factors."""
+        pixel = (self.codec.pixel_channels, height, width)
+        latent = self.codec.latent_shape(pixel)
+        ph, pw = self.config.model.patch_size[1:]
+        if latent[1] % ph or latent[2] % pw:
+            raise ConfigError(f"{height}x{width} px gives {latent[1]}x{latent[2]} latents, not divisible by the "
+                              f"patch size {ph}x{pw}; choose a size divisible by both the codec and the patch")
+        return dataclasses.replace(self, spec=self.spec.at_size(pixel, latent))
 
     def sample_latents(self, prompts: list[str], *, num_frames: int | None = None, seed: int = 0, **kw) -> Tensor:
         cond, null = self.encode_prompts(prompts)
@@ -128,15 +145,75 @@ class LoadedModel:
         return stream(self.denoiser, self.spec, cond, null, num_frames=num_frames or self.spec.num_frames, **kw)
 
 
-def load(path: str | Path, *, use_ema: bool | None = None, device: str = "cpu") -> LoadedModel:
-    """A framecast checkpoint (dir, `ckpt/` root or run-stage dir); EMA weights by default when it kept them."""
+def load(path: str | Path, *, base: str | Path | None = None, use_ema: bool | None = None, device: str = "cpu",
+         preset: str | None = None) -> LoadedModel:
+    """Any model a user holds, ready to sample: a framecast checkpoint (dir, `ckpt/` root or run-stage dir), a
+    Wan2.1 folder (diffusers or original layout) or an official Causal Forcing / Self Forcing / CausVid `model.pt`
+    on a `base` Wan folder (models/wan.py). EMA weights by default when the checkpoint kept them; `info` says
+    what was read (format, which weights, the sampling preset)."""
+    fmt = wan.detect(path)
+    if fmt != "framecast":
+        return _load_wan(path, fmt, base=base, use_ema=use_ema, device=device, preset=preset)
     src = ckpt.resolve(path)
     meta = ckpt.read_meta(src)
     cfg, spec = stored_config(src, meta), stored_spec(src, meta)
+    if base is not None:  # a converted Wan checkpoint whose VAE and text encoder now live elsewhere
+        cfg = _on_base(cfg, base)
     model = build_denoiser(cfg.model, device)
     has_ema = "model" in meta.get("ema", [])
     if use_ema and not has_ema:
         raise CheckpointError(f"{src} has no EMA weights (it kept {meta.get('ema', [])})")
     ckpt.load_weights(model, src, "ema_model" if (has_ema and use_ema is not False) else "model")
-    return LoadedModel(model.eval(), spec, build_codec(spec.codec, cfg.model.in_channels), text_encoder_for(spec, cfg),
-                       cfg, src)
+    info = {"format": "framecast", "path": str(src), "key": "ema_model" if has_ema and use_ema is not False else "model"}
+    return LoadedModel(model.eval(), spec, codec_for(cfg), text_encoder_for(spec, cfg), cfg, src, info)
+
+
+# Wan2.1 text-to-video defaults (Wan2.1 release, arXiv 2503.20314): 480x832 pixels, 81 frames at 16 fps, umT5
+# prompts of 512 tokens. Only these user-facing defaults are named here; every shape is derived from them.
+WAN_DEFAULTS = {"height": 480, "width": 832, "frames": 81, "fps": 16, "text_tokens": 512}
+WAN_PROMPT = "a red fox running through fresh snow in a pine forest, golden hour"
+
+
+def _on_base(cfg: C.RunConfig, base: str | Path) -> C.RunConfig:
+    """`cfg` with its codec and text encoder read from the Wan folder `base`."""
+    comps = wan.components(base)
+    missing = [k for k in ("vae", "text_encoder") if not comps.get(k)]
+    if missing:
+        raise CheckpointError(f"{base} has no {' or '.join(missing)} (a Wan2.1 folder holds vae/ and text_encoder/, or "
+                              f"Wan2.1_VAE.pth and models_t5_umt5-xxl-enc-bf16.pth)")
+    return C.from_dict({"model": {"codec": "wan_vae", "codec_source": str(Path(comps["vae"]).resolve())},
+                        "data": {"text_encoder": "umt5", "text_encoder_source": str(Path(comps["text_encoder"]).resolve()),
+                                 "text_tokens": WAN_DEFAULTS["text_tokens"]}}, base=cfg)
+
+
+def _load_wan(path, fmt: str, *, base, use_ema, device, preset) -> LoadedModel:
+    net, info = wan.load_transformer(path, base=base, use_ema=use_ema, device=device)
+    name = preset or info.get("preset") or ("bidirectional-euler" if fmt != "official" else None)
+    if name is None:
+        raise ConfigError(f"which sampling preset does {path} use? pass one of {sorted(wan.SAMPLING_PRESETS)} "
+                          f"(--preset)")
+    info["preset"] = name
+    cfg = _on_base(C.from_dict({"model": C.to_dict(info["config"])}), base if fmt == "official" else path)
+    codec = codec_for(cfg)
+    pixel = (codec.pixel_channels, WAN_DEFAULTS["height"], WAN_DEFAULTS["width"])
+    frames = codec.latent_frames(WAN_DEFAULTS["frames"])
+    spec = wan.preset_spec(name, latent_shape=codec.latent_shape(pixel), pixel_shape=pixel, num_frames=frames,
+                           codec=codec.name, text_encoder="umt5", text_tokens=cfg.data.text_tokens)
+    stage = "stage0" if not spec.causal else "dmd" if spec.few_step else "stage1"
+    cfg = C.from_dict({"stage": stage, "data": {"height": pixel[1], "width": pixel[2], "num_frames": WAN_DEFAULTS["frames"]},
+                       "objective": {"block_size": spec.block_size or 1},
+                       "sample": {"fps": WAN_DEFAULTS["fps"], "prompts": [WAN_PROMPT], "num_frames": frames}}, base=cfg)
+    return LoadedModel(Denoiser(net).eval(), spec, codec, text_encoder_for(spec, cfg), cfg, Path(path), info)
+
+
+def convert(path: str | Path, out: str | Path, *, base: str | Path | None = None, use_ema: bool | None = None,
+            preset: str | None = None) -> Path:
+    """Write any loadable model as a framecast checkpoint (safetensors weights, its config and SamplingSpec);
+    the VAE and text encoder are referenced by path (config model.codec_source, data.text_encoder_source)."""
+    out = Path(out)
+    if out.exists():
+        raise CheckpointError(f"{out} already exists; refusing to overwrite it (choose another --out)")
+    m = load(path, base=base, use_ema=use_ema, preset=preset)
+    meta = {"stage": m.config.stage, "sampling": m.spec.to_json(), "config": C.to_dict(m.config), "roles": ["model"],
+            "ema": [], "converted_from": {k: v for k, v in m.info.items() if k in ("format", "path", "key", "preset")}}
+    return ckpt.save(out / "ckpt", 0, weights={"model": m.denoiser.state_dict()}, meta=meta)

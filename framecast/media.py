@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DataError
 from .models.codecs import pixels_to_uint8, uint8_to_pixels
 
 Tensor = torch.Tensor
@@ -34,6 +35,53 @@ def grid(videos: Tensor, ncol: int | None = None, pad: int = 1) -> Tensor:
         y, x = pad + r * (H + pad), pad + c * (W + pad)
         out[:, :, y:y + H, x:x + W] = videos[i].float().cpu()
     return out
+
+
+def display_scale(height: int, width: int, target: int = 128) -> int:
+    """Nearest-neighbour upscaling that makes tiny toy frames visible and leaves real-size frames alone."""
+    return max(1, target // max(height, width))
+
+
+def _fit(img, height: int, width: int):
+    """Resize (keeping the aspect ratio) then centre-crop a PIL image to height x width."""
+    from PIL import Image
+
+    s = max(height / img.height, width / img.width)
+    img = img.resize((max(width, round(img.width * s)), max(height, round(img.height * s))), Image.BICUBIC)
+    left, top = (img.width - width) // 2, (img.height - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+def read_image(path: str | Path, height: int, width: int) -> Tensor:
+    """An image file as pixels [3, height, width] in [-1, 1] (resized and centre-cropped to fit)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(path).convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"cannot read the image {path} ({e.__class__.__name__})") from None
+    arr = torch.from_numpy(np.asarray(_fit(img, height, width)).copy())  # [H, W, 3] uint8
+    return uint8_to_pixels(arr.permute(2, 0, 1))
+
+
+def read_video(path: str | Path, height: int, width: int, max_frames: int | None = None) -> Tensor:
+    """A video file as pixels [F, 3, height, width] in [-1, 1], each frame resized and centre-cropped."""
+    import imageio.v2 as imageio
+    from PIL import Image
+
+    try:
+        reader = imageio.get_reader(str(path))
+        frames = []
+        for f in reader:
+            frames.append(np.asarray(_fit(Image.fromarray(f).convert("RGB"), height, width)))
+            if max_frames and len(frames) == max_frames:
+                break
+        reader.close()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DataError(f"cannot read the video {path} ({e.__class__.__name__}: {e})".splitlines()[0]) from None
+    if not frames:
+        raise DataError(f"the video {path} has no frames")
+    return uint8_to_pixels(torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2))
 
 
 def write_video(video: Tensor, path: str | Path, fps: int = 8, scale: int = 4) -> Path:

@@ -59,6 +59,7 @@ class SamplingSpec:
     first_block_steps: tuple[int, ...] = ()
     text_encoder: str = "hash"
     text_tokens: int = 16
+    negative_prompt: str = ""  # the null branch of CFG (Wan's own runs use a long negative prompt)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -90,6 +91,10 @@ class SamplingSpec:
     def block(self, num_frames: int) -> int:
         """Frames per generated block: K for causal models, the whole clip for a bidirectional one."""
         return int(self.block_size) if self.causal else num_frames
+
+    def at_size(self, pixel_shape: tuple[int, int, int], latent_shape: tuple[int, int, int]) -> SamplingSpec:
+        """The same model sampled at another frame size (the codec derives the latent shape)."""
+        return self.replace(pixel_shape=tuple(pixel_shape), latent_shape=tuple(latent_shape))
 
     def stream_window(self, override: int | None = None) -> int:
         """The KV-cache window of a live stream (play, world metrics): `override`, else the trained window,

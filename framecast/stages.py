@@ -152,7 +152,8 @@ def sampling_spec(cfg: C.RunConfig) -> SamplingSpec:
 
 def build_data(cfg: C.RunConfig):
     """The training source of a run: its data through the text encoder and the codec the model expects."""
-    text = build_text_encoder(cfg.data.text_encoder, cfg.model.text_dim, cfg.data.text_tokens, cfg.data.seed)
+    text = build_text_encoder(cfg.data.text_encoder, cfg.model.text_dim, cfg.data.text_tokens, cfg.data.seed,
+                              source=cfg.data.text_encoder_source or None)
     return build_source(cfg.data, text, codec_for(cfg), cfg.model.num_actions)
 
 

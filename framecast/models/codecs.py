@@ -7,12 +7,16 @@ checkpoint's sampling spec; data sources encode through it and every output path
 frame through a `StreamDecoder`, which keeps whatever state the codec needs between calls (the Wan VAE's
 causal-convolution cache, for example); the identity codec needs none.
 
-The toys use the identity codec: the "latent" is the image, so frame counts and shapes are equal.
+The toys use the identity codec: the "latent" is the image, so frame counts and shapes are equal. The Wan2.1
+VAE (`wan_vae`, models/wan_vae.py) is built from `model.codec_source`; importing this module stays light
+(diffusers is imported only when a Wan VAE is built).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -94,11 +98,32 @@ def pixels_to_uint8(pixels: Tensor) -> Tensor:
     return ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-# name -> builder(latent_channels); a new codec (the Wan VAE) is one entry here
-CODECS: dict[str, Callable[[int], Codec]] = {"identity": IdentityCodec}
+def _identity(latent_channels: int, source: str | Path | None = None) -> Codec:
+    return IdentityCodec(latent_channels)  # nothing to load: `source` is ignored
 
 
-def build_codec(name: str, latent_channels: int) -> Codec:
+def _wan_vae(latent_channels: int, source: str | Path | None = None) -> Codec:
+    """The Wan2.1 VAE (models/wan_vae.py, which imports diffusers only here) from `source`."""
+    if not source:
+        raise ConfigError("codec 'wan_vae' needs its weights: set model.codec_source to a diffusers vae/ folder, a "
+                          "diffusers root holding vae/, or an original Wan2.1_VAE.pth")
+    from .wan_vae import load_wan_vae
+
+    codec = load_wan_vae(source)
+    if codec.latent_channels != latent_channels:
+        raise ConfigError(f"model.in_channels is {latent_channels} but the Wan VAE at {source} makes "
+                          f"{codec.latent_channels} latent channels (its z_dim)")
+    return codec
+
+
+# name -> builder(latent_channels, source=None); `source` names the codec's weights (model.codec_source)
+CODECS: dict[str, Callable[..., Codec]] = {"identity": _identity, "wan_vae": _wan_vae}
+
+
+def build_codec(name: str, latent_channels: int, source: str | Path | None = None) -> Codec:
+    """The codec `name` for `latent_channels` latent channels; `source` (a path; "" = none) holds its weights."""
     if name not in CODECS:
         raise ConfigError(f"unknown codec {name!r} (model.codec); choose one of {sorted(CODECS)}")
-    return CODECS[name](latent_channels)
+    if not source:  # builders that need no weights may take latent_channels alone
+        return CODECS[name](latent_channels)
+    return CODECS[name](latent_channels, source)

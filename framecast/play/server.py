@@ -15,7 +15,8 @@ Protocol (JSON text from the page, binary frames and JSON notices from the serve
               {"type": "prompt", "text": "..."}                     text models: switch the prompt
     server -> {"type": "hello", "actions": [...], "keys": {...}, ...} once, after connecting
               binary: 4-byte big-endian header length | header JSON | PNG      one per generated frame
-                      header = {"i": frame, "action": name, "seq": last action seq applied, "gen_ms": ...,
+                      header = {"i": frame, "action": name, "seq": last action seq applied, "prompt": prompt
+                                switches applied when its block was made, "gen_ms": ...,
                                 "cached": frames in the KV cache, "rss_mb": server resident memory}
               {"type": "error", "error": "..."}                    a malformed message; it is ignored
 
@@ -33,16 +34,13 @@ import json
 import os
 import struct
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..errors import RequestError
-from ..models.codecs import pixels_to_uint8, uint8_to_pixels
-from ..spec import SamplingSpec
-from ..stream import Session, SessionError
+from ..models.codecs import pixels_to_uint8
+from .world import World, load_world  # noqa: F401  (World: the type players share)
 
 STATIC = Path(__file__).parent / "static"
 CLOSE_TRY_AGAIN = 1013  # RFC 6455: "try again later"
@@ -74,92 +72,6 @@ def pack(header: dict, payload: bytes) -> bytes:
     return struct.pack(">I", len(h)) + h + payload
 
 
-@dataclass
-class World:
-    """What every session of one server shares: the model, its sampling spec, action names and keys, the start
-    frames."""
-
-    model: Any
-    spec: SamplingSpec
-    text_encoder: Any
-    actions: list[str]                  # names of action ids 0..n-1 (empty for text-only models)
-    keys: dict[str, str]                # browser key -> action name
-    start_frames: torch.Tensor | None   # [N, C, H, W] pixels in [-1, 1], clean first frames (None: generate)
-    window: int
-    fps: float = 30.0                   # frame-rate cap (0: as fast as the model goes)
-    max_sessions: int = 2
-    max_frames: int = 0                 # a session's frame limit (0: unbounded)
-    codec: Any = None                   # the checkpoint's codec (None: the one spec.codec names)
-    active: set = field(default_factory=set)
-
-    @property
-    def idle(self) -> int | None:
-        """The action when no key is held: "stay" where the model has it, else the null action (None)."""
-        return self.actions.index("stay") if "stay" in self.actions else None
-
-    def session(self, seed: int) -> Session:
-        return Session(self.model, self.spec, text_encoder=self.text_encoder, codec=self.codec, window=self.window,
-                       seed=seed)
-
-    def start_frame(self, seed: int) -> torch.Tensor | None:
-        if self.start_frames is None:
-            return None
-        return self.start_frames[seed % len(self.start_frames)]
-
-
-def _start_frames(src, spec: SamplingSpec, explicit: bool) -> tuple[dict | None, torch.Tensor | None]:
-    """(manifest, frame 0 of each episode as pixels [N, C, H, W] in [-1, 1]) of the recording `src`."""
-    from ..data.envs import RecordError, load_episodes
-
-    try:
-        ep = load_episodes(src)
-    except RecordError as e:
-        if explicit:  # asked for explicitly: say why it cannot be used
-            raise
-        print(f"framecast play: no start frames ({e}); the model draws its own first frame")
-        return None, None
-    frames = uint8_to_pixels(ep["frames"][:, 0])  # [N, C, H, W] (CPU)
-    if tuple(frames.shape[1:]) != tuple(spec.pixel_shape):
-        raise SessionError(f"start frames in {src} are {tuple(frames.shape[1:])}; the model makes "
-                           f"{tuple(spec.pixel_shape)}")
-    return ep["manifest"], frames
-
-
-def _action_names(num_actions: int, env: str | None) -> tuple[list[str], dict[str, str]]:
-    """(action names, browser key -> name) of a model with `num_actions` actions played as `env`."""
-    from ..data.envs import ENVS
-
-    if not num_actions:
-        return [], {}
-    env_spec = ENVS.get(env) if env else None
-    if env_spec is not None and len(env_spec.actions) != num_actions:
-        raise SessionError(f"the model takes {num_actions} actions; {env!r} has {len(env_spec.actions)}")
-    names = list(env_spec.actions) if env_spec else [f"action{i}" for i in range(num_actions)]
-    keys = env_spec.key_map if env_spec else {str(i + 1): n for i, n in enumerate(names)}
-    return names, keys
-
-
-def load_world(ckpt: str | Path, *, start: str | Path | None = None, window: int | None = None, env: str | None = None,
-               device: str = "cpu", **kw) -> World:
-    """A World from a checkpoint. Action names come from the recording it was trained on (its manifest), or
-    from `env`; start frames from the recording `start` (frame 0 of each episode), else the training one."""
-    from ..data.envs import ENVS
-    from ..generate import load
-
-    m = load(ckpt, device=device)
-    spec, cfg = m.spec, m.config
-    if not spec.causal:
-        raise SessionError(f"{ckpt} is a bidirectional model; play needs a causal (AR) student or teacher")
-    num_actions = getattr(getattr(m.denoiser, "action_embed", None), "num_actions", 0)
-    src = start or (cfg.data.path if cfg.data.name == "episodes" else None)
-    manifest, frames = _start_frames(src, spec, explicit=bool(start)) if src else (None, None)
-    if env is not None and env not in ENVS:
-        raise SessionError(f"unknown environment {env!r}; choose one of {sorted(ENVS)}")
-    names, keys = _action_names(num_actions, env or (manifest or {}).get("env"))
-    win = spec.stream_window(window)
-    return World(m.denoiser, spec, m.text_encoder, names, keys, frames, int(win), codec=m.codec, **kw)
-
-
 class _Player:
     """One connection: parses the page's messages into the held action; its loop makes and sends frames."""
 
@@ -167,6 +79,7 @@ class _Player:
         self.world, self.ws, self.sid = world, ws, sid
         self.action: int | None = world.idle
         self.seq = 0
+        self.prompt, self.prompt_seq = world.prompt, 0  # prompt_seq: prompt switches applied so far
         self.seed = sid
         self.session = world.session(seed=sid)
         self.lock = asyncio.Lock()   # one of step / reset / prompt at a time on this session
@@ -180,7 +93,7 @@ class _Player:
     async def reset(self, seed: int) -> None:
         async with self.lock:
             self.seed = seed
-            await asyncio.to_thread(self.session.reset, first_frame=self.world.start_frame(seed), seed=seed)
+            await asyncio.to_thread(self.session.reset, self.prompt, first_frame=self.world.start_frame(seed), seed=seed)
             self.frames = 0
         if self.world.start_frames is not None:  # show the start frame: the player sees where they stand
             await self._send_frame(self.world.start_frame(seed), gen_ms=0.0, action="start")
@@ -205,8 +118,9 @@ class _Player:
                 text = msg.get("text")
                 if not isinstance(text, str):
                     raise ValueError('"prompt" needs a string "text"')
-                async with self.lock:
+                async with self.lock:  # between blocks: the next block is the first to see it
                     await asyncio.to_thread(self.session.switch_prompt, text)
+                    self.prompt, self.prompt_seq = text, self.prompt_seq + 1
             else:
                 raise ValueError(f"unknown message type {kind!r} (action, reset, prompt)")
         except (ValueError, RequestError) as e:  # json.JSONDecodeError is a ValueError; SessionError a RequestError
@@ -227,8 +141,9 @@ class _Player:
         self.action, self.seq = act, seq
 
     async def _send_frame(self, frame: torch.Tensor, *, gen_ms: float, action: str | None,
-                          seq: int | None = None) -> None:
+                          seq: int | None = None, prompt_seq: int | None = None) -> None:
         header = {"i": self.frames, "action": action, "seq": self.seq if seq is None else seq,
+                  "prompt": self.prompt_seq if prompt_seq is None else prompt_seq,
                   "gen_ms": round(gen_ms, 2), "cached": self.session.cached_frames, "rss_mb": rss_mb()}
         data = pack(header, encode_png(frame))
         async with self.send_lock:
@@ -240,14 +155,15 @@ class _Player:
         while True:
             t0 = time.perf_counter()
             async with self.lock:
-                act, seq = self.action, self.seq
+                act, seq, pseq = self.action, self.seq, self.prompt_seq
                 out = await asyncio.to_thread(self.session.step, act)  # decoded pixels
                 gen_ms = (time.perf_counter() - t0) * 1e3
                 frames = out if out.dim() == 4 else out[None]  # chunk models return [f, C, H, W]
                 for f in frames:
                     self.frames += 1
                     await self._send_frame(f, gen_ms=gen_ms / len(frames), seq=seq,  # seq: the action it answers
-                                           action=self.world.actions[act] if act is not None else None)
+                                           action=self.world.actions[act] if act is not None else None,
+                                           prompt_seq=pseq)  # the prompt switch it answers
             if self.world.max_frames and self.frames >= self.world.max_frames:
                 await self.send_json({"type": "error", "error": f"session frame limit {self.world.max_frames} reached; "
                                       "send reset"})
@@ -332,7 +248,7 @@ def _hello(world: World) -> dict:
             "idle": None if world.idle is None else world.actions[world.idle], "fps_cap": world.fps,
             "frame_shape": list(spec.pixel_shape), "window": world.window,
             "block_size": spec.block_size, "steps": spec.steps,
-            "text": spec.text_encoder != "hash" or not world.actions,
+            "text": spec.text_encoder != "hash" or not world.actions, "prompt": world.prompt,
             "max_sessions": world.max_sessions}
 
 

@@ -94,7 +94,7 @@ class Session:
         if self.text_encoder is None:
             raise SessionError("this session has no text encoder (build it with Session.from_checkpoint)")
         self.text = self.text_encoder.encode([prompt]).to(self.device, self.dtype)
-        self.null_text = self.text_encoder.encode([""]).to(self.device, self.dtype)
+        self.null_text = self.text_encoder.encode([self.spec.negative_prompt]).to(self.device, self.dtype)
         self.prompt = prompt
 
     @torch.no_grad()
