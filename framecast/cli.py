@@ -16,6 +16,7 @@ environments, samplers) come from the registries that define them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -76,9 +77,12 @@ def _sample(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    m = load(args.model, base=args.base, use_ema=args.ema, device=args.device)
+    m = load(args.model, base=args.base, use_ema=args.ema, device=args.device, preset=args.preset)
+    print(f"model: {describe_loaded(m)}", flush=True)
     if args.height or args.width:
         m = m.at_size(args.height or m.spec.pixel_shape[1], args.width or m.spec.pixel_shape[2])
+    if args.negative_prompt is not None:
+        m = dataclasses.replace(m, spec=m.spec.replace(negative_prompt=args.negative_prompt))
     prompts = args.prompt or m.config.sample.prompts
     prompts = [p for p in prompts for _ in range(args.num)]
     ctx = _context(m, args)
@@ -98,6 +102,14 @@ def _sample(args: argparse.Namespace) -> None:
     _write_sample(video, Path(args.out), m.config.sample.fps, args.save_tensor)
     print(f"wrote {args.out}: {video.shape[0]} videos x {video.shape[1]} frames of {video.shape[3]}x{video.shape[4]} "
           f"in {dt:.1f}s ({video.shape[0] * video.shape[1] / dt:.1f} frames/s)")
+
+
+def describe_loaded(m) -> str:
+    """One line saying what was loaded: format, which weights, the sampling preset and spec."""
+    i = m.info
+    parts = [f"{i.get('format', '?')} {i.get('path', '')}", i.get("key") and f"weights {i['key']}",
+             i.get("preset") and f"preset {i['preset']}", m.spec.describe()]
+    return "; ".join(p for p in parts if p)
 
 
 def _write_sample(video, out: Path, fps: int, save_tensor: bool) -> None:
@@ -149,7 +161,7 @@ def _play(args: argparse.Namespace) -> None:
     size = (args.height, args.width) if args.height and args.width else None
     serve(args.model, host=args.host, port=args.port, threads=args.threads, start=args.start, window=args.window,
           env=args.env, fps=args.fps, max_sessions=args.max_sessions, max_frames=args.max_frames, device=args.device,
-          base=args.base, prompt=args.prompt, size=size)
+          base=args.base, prompt=args.prompt, size=size, preset=args.preset)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -191,6 +203,9 @@ def _add_sample(sub) -> None:
                    help="a framecast checkpoint (dir, ckpt/ root or run-stage dir), a Wan2.1 folder (diffusers or "
                         "original layout) or an official Causal Forcing / Self Forcing / CausVid model.pt")
     s.add_argument("--base", default=None, help="the Wan2.1 folder a model.pt (or converted checkpoint) builds on")
+    s.add_argument("--preset", default=None, help="sampling preset of an official .pt (framewise-1step, framewise-2step, "
+                   "framewise-4step, chunkwise-4step; default: from its file name)")
+    s.add_argument("--negative-prompt", default=None, help="the CFG null prompt (default: the model's; '' = empty)")
     s.add_argument("--prompt", action="append", help="prompt (repeatable); default: the run's sample prompts")
     s.add_argument("--num", type=int, default=1, help="videos per prompt")
     s.add_argument("--frames", type=int, default=0, help="frames of the output video (Wan: 1 + 4k; default: the "
@@ -253,6 +268,7 @@ def _add_play(sub) -> None:
     y.add_argument("--model", "--ckpt", dest="model", required=True,
                    help="a causal model: a framecast checkpoint (e.g. runs/minigrid/dmd_2step) or an official .pt")
     y.add_argument("--base", default=None, help="the Wan2.1 folder an official .pt builds on")
+    y.add_argument("--preset", default=None, help="sampling preset of an official .pt (default: from its file name)")
     y.add_argument("--prompt", default=None, help="text models: the prompt a session starts with (the page can "
                    "switch it)")
     y.add_argument("--height", type=int, default=0, help="text-to-video frame height in pixels")

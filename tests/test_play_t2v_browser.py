@@ -36,8 +36,8 @@ class Recording(Session):
 
 @pytest.mark.parametrize("kind", t2v_checkpoints.kinds)
 def test_prompt_typed_in_the_page_switches_the_stream_from_the_next_block(kind, one_thread, tmp_path, monkeypatch):
-    model, base = t2v_checkpoints(kind, tmp_path)
-    world = load_world(model, base=base, prompt=FIRST, fps=15.0, max_sessions=1, window=4)  # paced: the page keeps up
+    model, base, size = t2v_checkpoints(kind, tmp_path)
+    world = load_world(model, base=base, size=size, prompt=FIRST, fps=15.0, max_sessions=1, window=4)  # paced
     Recording.log = []
     monkeypatch.setattr(type(world), "session", lambda self, seed: Recording(
         self.model, self.spec, text_encoder=self.text_encoder, codec=self.codec, window=self.window, seed=seed))
@@ -62,4 +62,5 @@ def test_prompt_typed_in_the_page_switches_the_stream_from_the_next_block(kind, 
         if i < switch:
             assert torch.equal(a, n)  # before the switch: the very same frames
         else:
-            assert (a - n).abs().max() > 1e-3, i  # from the next block on: another stream
+            assert (a - n).abs().max() > 100 * 1e-6, i  # from the next block on: another stream (100x the replay
+            # tolerance; the tiny random Wan's text pathway is weak, the framecast model's differs by ~0.1)

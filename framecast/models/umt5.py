@@ -30,7 +30,6 @@ from ..errors import CheckpointError, ConfigError, DataError
 Tensor = torch.Tensor
 ORIGINAL_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 ORIGINAL_FORMAT = f"Wan umT5 state dict ({ORIGINAL_FILE})"
-
 # umT5-XXL, the encoder Wan2.1 conditions on (4096-d states); a umt5 config.json beside the .pth overrides it.
 UMT5_XXL = dict(model_type="umt5", vocab_size=256384, d_model=4096, d_ff=10240, d_kv=64, num_heads=64,
                 num_layers=24, relative_attention_num_buckets=32, relative_attention_max_distance=128,
@@ -258,18 +257,19 @@ def _json(path: Path) -> dict:
 
 
 def read_config(weights: Path, config: dict | str | Path | None = None):
-    """The UMT5Config of `weights`: its folder's config.json; for a .pth umT5-XXL, updated by a umt5
-    config.json beside it (Wan's root holds the DiT's config.json there, which is skipped). `config`
-    (a dict or a JSON path) overrides either."""
+    """The UMT5Config of `weights`: its folder's config.json; for a .pth umT5-XXL, updated by a umt5 config
+    beside it (Wan's root config.json is the DiT's and is skipped). `config` (dict or JSON path) overrides."""
     if weights.is_dir():
         values = _json(weights / "config.json")
         if values.get("model_type") != "umt5":
             raise CheckpointError(f"{weights / 'config.json'}: not a umt5 config "
                                   f"(model_type {values.get('model_type')!r})")
-    else:
-        values, beside = dict(UMT5_XXL), weights.parent / "config.json"
-        if config is None and beside.exists() and _json(beside).get("model_type") == "umt5":
-            values.update(_json(beside))
+    else:  # umt5_config.json (a sidecar, as the VAE's vae_config.json), else a umt5 config.json beside it
+        values = dict(UMT5_XXL)
+        for beside in (weights.parent / "umt5_config.json", weights.parent / "config.json"):
+            if config is None and beside.exists() and _json(beside).get("model_type") == "umt5":
+                values.update(_json(beside))
+                break
     if config is not None:
         values.update(_json(config) if isinstance(config, (str, Path)) else config)
     return _transformers().UMT5Config.from_dict(values)

@@ -81,7 +81,7 @@ def _action_names(num_actions: int, env: str | None) -> tuple[list[str], dict[st
 
 def load_world(ckpt: str | Path, *, start: str | Path | None = None, window: int | None = None, env: str | None = None,
                device: str = "cpu", base: str | Path | None = None, prompt: str | None = None,
-               size: tuple[int, int] | None = None, **kw) -> World:
+               size: tuple[int, int] | None = None, preset: str | None = None, **kw) -> World:
     """A World from a model (a framecast checkpoint, or a Wan folder / official .pt on `base`). Action names
     come from the recording it was trained on (its manifest), or from `env`; start frames from the recording
     `start` (frame 0 of each episode), else the training one. Text models start from `prompt` (default: the
@@ -89,7 +89,7 @@ def load_world(ckpt: str | Path, *, start: str | Path | None = None, window: int
     from ..data.envs import ENVS
     from ..generate import load
 
-    m = load(ckpt, device=device, base=base)
+    m = load(ckpt, device=device, base=base, preset=preset)
     if size:
         m = m.at_size(*size)
     spec, cfg = m.spec, m.config

@@ -62,10 +62,13 @@ class Session:
         self.cache = self.decoder = None
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", **kw) -> Session:
+    def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", base: str | Path | None = None,
+                        preset: str | None = None, size: tuple[int, int] | None = None, **kw) -> Session:
+        """A session on any model `generate.load` reads (a Wan .pt needs `base`), at `size` (height, width)."""
         from ..generate import load
 
-        m = load(path, device=device)
+        m = load(path, device=device, base=base, preset=preset)
+        m = m.at_size(*size) if size else m
         return cls(m.denoiser, m.spec, **({"text_encoder": m.text_encoder, "codec": m.codec} | kw))
 
     # -- lifecycle --------------------------------------------------------------------------------
