@@ -70,3 +70,16 @@ def student_world(**kw):
 @pytest.fixture(scope="session")
 def make_student_world():
     return student_world
+
+
+class RunsCode:
+    """A pickle payload that would run a shell command when unpickled: loaders must refuse it unrun
+    (torch.load(weights_only=True)). The command only creates `marker`, so a test can see that it never ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)

@@ -7,9 +7,23 @@ import torch
 from torch import nn
 
 from framecast.models.attention import AttentionPlan
-from framecast.models.backbone import (BIDIRECTIONAL, Backbone, LazyText, apply_rope, attend, cached_self_attention_kv,
-                                       check_inputs, cross_attention_kv, frame_positions, layer_count,
-                                       pack_teacher_forcing, patchify, plan_mask, rope_3axis, unpatchify)
+from framecast.models.backbone import (
+    BIDIRECTIONAL,
+    Backbone,
+    LazyText,
+    apply_rope,
+    attend,
+    cached_self_attention_kv,
+    check_inputs,
+    cross_attention_kv,
+    frame_positions,
+    layer_count,
+    pack_teacher_forcing,
+    patchify,
+    plan_mask,
+    rope_3axis,
+    unpatchify,
+)
 from framecast.models.denoiser import Denoiser
 from framecast.models.kv_cache import KVCache
 

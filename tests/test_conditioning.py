@@ -3,7 +3,12 @@ import importlib.util
 import pytest
 import torch
 
-from framecast.models.conditioning import ActionEmbedder, Cond, HashTextEncoder, build_text_encoder
+from framecast.models.conditioning import (
+    ActionEmbedder,
+    Cond,
+    HashTextEncoder,
+    build_text_encoder,
+)
 from framecast.models.denoiser import Denoiser
 from framecast.models.transformer import build_transformer
 

@@ -24,7 +24,13 @@ from framecast.config import DataConfig
 from framecast.data.batch import Batch
 from framecast.data.sources import ShapesSource
 from framecast.data.trajectories import FIELDS, PairSource, PairStore, PairStoreError
-from framecast.data.vectors import ARTeacher, BidirectionalTeacher, VectorMixture, VectorSource
+from framecast.data.vectors import (
+    ARTeacher,
+    BidirectionalTeacher,
+    VectorMixture,
+    VectorSource,
+)
+from framecast.generate import build_denoiser
 from framecast.models.attention import AttentionPlan
 from framecast.models.codecs import IdentityCodec
 from framecast.models.conditioning import Cond, build_text_encoder
@@ -32,7 +38,6 @@ from framecast.models.denoiser import Guidance
 from framecast.objectives.consistency import CausalCD
 from framecast.objectives.dmd import AsymmetricDMD
 from framecast.objectives.ode import ODERegression, generate_pairs, write_pairs
-from framecast.generate import build_denoiser
 from framecast.recipe import train_stage
 from framecast.sampling import SAMPLERS
 from framecast.train import checkpoint as ckpt

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from framecast.models.kv_cache import KVCache
+from framecast.models.kv_cache import KVCache, StaticKVCache
 
 
 def _commit(cache, frames, tokens=4, B=1, H=2, D=3):
@@ -32,8 +32,10 @@ def test_unbounded_cache_grows_and_reset_forgets():
     assert cache.num_frames == 0 and cache.end == 0 and cache.k[0] is None
 
 
-def test_commit_errors():
-    cache = KVCache(2)
+@pytest.mark.parametrize("make", [lambda: KVCache(2), lambda: StaticKVCache(2, block_size=2, window=4)],
+                         ids=["KVCache", "StaticKVCache"])
+def test_commit_errors(make):
+    cache = make()
     with pytest.raises(RuntimeError, match="without staged K/V"):
         cache.commit(torch.tensor([0]))
     _commit(cache, [0, 1])

@@ -8,7 +8,14 @@ import torch
 pytest.importorskip("minigrid", reason="framecast record needs the [world] extra: pip install -e '.[world]'")
 
 from framecast.cli import main  # noqa: E402
-from framecast.data.envs import ENVS, Environment, EnvSpec, RecordError, load_episodes, record  # noqa: E402
+from framecast.data.envs import (  # noqa: E402
+    ENVS,
+    Environment,
+    EnvSpec,
+    RecordError,
+    load_episodes,
+    record,
+)
 from framecast.errors import DataError, UserError  # noqa: E402
 
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from framecast import flow
+from framecast.eval.checks import Recorder, stream_vs_packed
 from framecast.models.conditioning import Cond
 from framecast.models.denoiser import Guidance
 from framecast.models.kv_cache import KVCache
-from framecast.eval.checks import Recorder, stream_vs_packed
 from framecast.rollout import SelfRollout, generate, rollout
 from framecast.sampling import euler, few_step
 

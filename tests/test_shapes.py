@@ -3,8 +3,18 @@ import pytest
 import torch
 
 from framecast.data.shapes import (
-    COLOURS, DIRECTIONS, SHAPES, SPEEDS, ShapesDataset, SpriteAttrs, all_captions,
-    caption_of, collate, parse_caption, render, simulate,
+    COLOURS,
+    DIRECTIONS,
+    SHAPES,
+    SPEEDS,
+    ShapesDataset,
+    SpriteAttrs,
+    all_captions,
+    caption_of,
+    collate,
+    parse_caption,
+    render,
+    simulate,
 )
 
 F, H, W = 8, 24, 40  # non-square so x/y mix-ups show up

@@ -121,14 +121,7 @@ def test_static_cache_errors():
         StaticKVCache(1, block_size=3, window=2)
     with pytest.raises(ValueError, match="order"):
         StaticKVCache(1, window=2, order="sideways")
-    cache = StaticKVCache(2, block_size=2, window=4)
-    with pytest.raises(RuntimeError, match="without staged K/V"):
-        cache.commit(torch.tensor([0]))
-    _commit(cache, [0, 1])
-    with pytest.raises(ValueError, match="overlap"):
-        _commit(cache, [1])
-    with pytest.raises(ValueError, match="tokens per frame"):
-        _commit(cache, [2], tokens=5)
+    # staging / overlap / tokens-per-frame errors: tests/test_kv_cache.py::test_commit_errors, for both caches
 
 
 def _compile_or_skip(backend):

@@ -47,14 +47,20 @@ import torch
 from framecast import config as C
 from framecast import flow
 from framecast.data.batch import Batch
-from framecast.data.vectors import ARTeacher, BidirectionalTeacher, VectorMixture, VectorSource, flow_map
+from framecast.data.vectors import (
+    ARTeacher,
+    BidirectionalTeacher,
+    VectorMixture,
+    VectorSource,
+    flow_map,
+)
 from framecast.eval import vectors as ev
+from framecast.generate import build_denoiser
 from framecast.models.attention import AttentionPlan
 from framecast.models.conditioning import Cond
 from framecast.objectives.consistency import CausalCD
 from framecast.objectives.diffusion import FlowMatching
 from framecast.objectives.ode import ODERegression, generate_pairs
-from framecast.generate import build_denoiser
 from framecast.rollout import generate
 from framecast.sampling import few_step
 

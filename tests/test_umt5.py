@@ -18,11 +18,23 @@ pytest.importorskip("tokenizers")
 
 from framecast.errors import CheckpointError, ConfigError, DataError  # noqa: E402
 from framecast.models.conditioning import HashTextEncoder, build_text_encoder  # noqa: E402
-from framecast.models.umt5 import (ORIGINAL_FILE, PromptCache, key_table, load_umt5, to_original,  # noqa: E402
-                                   to_transformers)
+from framecast.models.umt5 import (  # noqa: E402
+    ORIGINAL_FILE,
+    PromptCache,
+    key_table,
+    load_umt5,
+    to_original,
+    to_transformers,
+)
 
-from .wan_tiny_text import (SENTENCES, tiny_umt5_config, tiny_umt5_model, write_original_umt5_pth,  # noqa: E402
-                            write_transformers_text_encoder)
+from .conftest import RunsCode  # noqa: E402
+from .wan_tiny_text import (  # noqa: E402
+    SENTENCES,
+    tiny_umt5_config,
+    tiny_umt5_model,
+    write_original_umt5_pth,
+    write_transformers_text_encoder,
+)
 
 PROMPTS = ["a red circle moving left", "", "the camera pans slowly over a city at night"]
 T = 12  # max_tokens: long enough for most test prompts, short enough to truncate SENTENCES joined
@@ -169,17 +181,11 @@ def test_partial_foreign_and_malicious_files_are_one_checkpoint_error(roots, tmp
         load_umt5(partial, tokenizer=roots[0] / "tokenizer")
 
 
-class _Evil:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def test_a_pickle_with_code_is_refused_without_running_it(tmp_path):
     marker, path = tmp_path / "ran", tmp_path / ORIGINAL_FILE
-    torch.save({"token_embedding.weight": torch.zeros(2), "x": _Evil(marker)}, path)
+    torch.save({"token_embedding.weight": torch.zeros(2), "x": RunsCode(marker)}, path)
     assert not marker.exists()
     with pytest.raises(CheckpointError, match="not a loadable") as e:
         load_umt5(path)

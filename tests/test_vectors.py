@@ -6,7 +6,12 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 
 from framecast import flow
 from framecast.data.vectors import (
-    ARTeacher, BidirectionalTeacher, ContextCache, VectorMixture, VectorSource, flow_map,
+    ARTeacher,
+    BidirectionalTeacher,
+    ContextCache,
+    VectorMixture,
+    VectorSource,
+    flow_map,
 )
 from framecast.models.attention import AttentionPlan
 from framecast.models.conditioning import Cond

@@ -114,3 +114,15 @@ def test_inspect_reads_without_loading(tiny_wan, capsys, monkeypatch):
     assert main(["inspect", str(tiny_wan["original"])]) == 0
     out = capsys.readouterr().out
     assert "original" in out and "vae" in out and "text_encoder" in out
+
+
+def test_a_session_on_the_static_cache_streams_the_same_frames(tiny_wan):
+    """The opt-in preallocated ring-buffer cache (StaticKVCache) gives a release the same stream as the default
+    cache, over enough frames that its ring wraps."""
+    kw = dict(base=tiny_wan["diffusers"], size=(32, 32), window=3, sink=1, seed=5)
+    a, b = Session.from_checkpoint(tiny_wan["pt"], **kw), Session.from_checkpoint(tiny_wan["pt"], static=True, **kw)
+    for s in (a, b):
+        s.reset(PROMPT)
+    for _ in range(7):
+        assert torch.equal(a.step(), b.step())
+    assert type(b.cache).__name__ == "StaticKVCache" and a.cached_frames == b.cached_frames

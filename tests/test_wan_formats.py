@@ -4,7 +4,6 @@ framecast layouts give bit-identical forwards; the original -> diffusers renames
 single-file converter to the last bit; every broken or foreign file is one one-line CheckpointError; inspect
 reports a checkpoint from headers / mmap alone; the sampling presets give the exact few-step sigmas."""
 
-import os
 import shutil
 from pathlib import Path
 
@@ -20,8 +19,14 @@ from framecast.generate import load
 from framecast.models import wan
 from framecast.models.transformer import build_transformer
 
-from .wan_tiny import (tiny_transformer_config, write_diffusers_root, write_framecast_checkpoint,
-                       write_official_pt, write_original_folder)
+from .conftest import RunsCode
+from .wan_tiny import (
+    tiny_transformer_config,
+    write_diffusers_root,
+    write_framecast_checkpoint,
+    write_official_pt,
+    write_original_folder,
+)
 
 OFFICIAL = "causal-forcing++/framewise-2step.pt"  # the released CF++ file name: the preset is read from it
 
@@ -166,17 +171,11 @@ def test_broken_and_foreign_files_are_one_clear_error(tree, tmp_path):
     assert "diffusers" in (msg := error(wan.load_transformer, tmp_path / "dpartial")) and "proj_out.bias" in msg
 
 
-class Exploit:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"echo pwned > {self.marker}",)
 
 
 def test_a_pickle_with_code_is_refused_and_never_run(tmp_path):
     marker = tmp_path / "pwned"
-    torch.save({"generator": Exploit(marker)}, tmp_path / "model.pt")
+    torch.save({"generator": RunsCode(marker)}, tmp_path / "model.pt")
     for fn in (wan.detect, wan.inspect, wan.load_transformer):
         msg = error(fn, tmp_path)
         assert "official" in msg and "holds code" in msg and "system" in msg

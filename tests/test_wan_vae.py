@@ -4,8 +4,6 @@ normalised posterior means, framecast's original -> diffusers conversion equals 
 `from_single_file` bit for bit, and bad files are one CheckpointError each."""
 
 import itertools
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from framecast.errors import CheckpointError, ConfigError
 from framecast.models import wan_vae as W
 from framecast.models.codecs import IdentityCodec, build_codec
 
+from .conftest import RunsCode
 from .wan_tiny_vae import TINY_VAE, tiny_vae, write_tiny_vae
 
 H = W_ = 16  # pixels; latents are 2 x 2
@@ -117,12 +116,6 @@ def test_conversion_equals_diffusers_from_single_file(tmp_path):
         build_codec("wan_vae", 16, vae_dir)
 
 
-class Exploit:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def test_bad_files_are_one_checkpoint_error(tmp_path):
@@ -132,7 +125,7 @@ def test_bad_files_are_one_checkpoint_error(tmp_path):
     cut = tmp_path / "truncated.pth"
     cut.write_bytes(pth.read_bytes()[: pth.stat().st_size // 2])
     marker = tmp_path / "pwned"
-    torch.save({"conv1.weight": Exploit(marker)}, tmp_path / "code.pth")
+    torch.save({"conv1.weight": RunsCode(marker)}, tmp_path / "code.pth")
     dropped = "decoder.upsamples.4.shortcut.weight"  # the one shortcut of the decoder (original name)
     torch.save({k: v for k, v in state.items() if k != dropped}, tmp_path / "partial.pth")
     torch.save({"patch_embedding.weight": torch.zeros(2, 2), "blocks.0.self_attn.q.weight": torch.zeros(2, 2),

@@ -11,10 +11,10 @@ pytest.importorskip("minigrid", reason="needs the [world] extra: pip install -e 
 
 from framecast import config as C  # noqa: E402
 from framecast.data.envs import load_episodes, record  # noqa: E402
+from framecast.generate import load  # noqa: E402
 from framecast.models.conditioning import Cond  # noqa: E402
 from framecast.models.denoiser import Guidance  # noqa: E402
 from framecast.objectives.diffusion import drop_text  # noqa: E402
-from framecast.generate import load  # noqa: E402
 from framecast.recipe import run_recipe  # noqa: E402
 from framecast.rollout import generate  # noqa: E402
 from framecast.sampling import euler  # noqa: E402
@@ -65,11 +65,14 @@ def test_every_stage_trains_on_episodes(episodes, tmp_path, one_thread):
     for r in results:
         model = load(r.ckpt).denoiser
         assert model.action_embed.table.weight.abs().sum() > 0, r.key  # the zero-initialised embedder learnt
-    from safetensors import safe_open  # the ODE pairs were generated, and are replayed, under their actions
+    from safetensors import (
+        safe_open,  # the ODE pairs were generated, and are replayed, under their actions
+    )
     with safe_open(str(tmp_path / "runs" / "wm" / "ode" / "pairs" / "shard_00000.safetensors"), "pt") as f:
         assert {"actions", "null_actions"} <= set(f.keys()) and f.get_tensor("actions").dtype == torch.int64
-    from framecast.data.trajectories import PairSource, PairStore
     import json
+
+    from framecast.data.trajectories import PairSource, PairStore
     store_dir = tmp_path / "runs" / "wm" / "ode" / "pairs"
     pb = PairSource(PairStore(store_dir, json.loads((store_dir / "manifest.json").read_text()))).batch(
         2, torch.Generator().manual_seed(0))
@@ -87,7 +90,12 @@ def test_every_stage_trains_on_episodes(episodes, tmp_path, one_thread):
 
 def test_psnr_and_controllability(episodes, tmp_path, one_thread):
     from framecast.eval import world as W
-    from framecast.generate import LoadedModel, build_denoiser, codec_for, text_encoder_for
+    from framecast.generate import (
+        LoadedModel,
+        build_denoiser,
+        codec_for,
+        text_encoder_for,
+    )
     from framecast.stages import sampling_spec
 
     from .conftest import randomise

@@ -27,7 +27,13 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
 from framecast import config as C
-from framecast.models.wan import INDEX, WEIGHTS, diffusers_to_original, model_config, preset_spec
+from framecast.models.wan import (
+    INDEX,
+    WEIGHTS,
+    diffusers_to_original,
+    model_config,
+    preset_spec,
+)
 from framecast.train import checkpoint as ckpt
 
 StateDict = dict[str, torch.Tensor]

@@ -9,7 +9,11 @@ import json
 from pathlib import Path
 
 from .wan_tiny import write_diffusers_root, write_official_pt, write_original_folder
-from .wan_tiny_text import tiny_umt5_config, write_original_umt5_pth, write_transformers_text_encoder
+from .wan_tiny_text import (
+    tiny_umt5_config,
+    write_original_umt5_pth,
+    write_transformers_text_encoder,
+)
 from .wan_tiny_vae import write_tiny_vae
 
 

@@ -40,7 +40,9 @@ class SessionError(RequestError):
 
 class Session:
     def __init__(self, model, spec: SamplingSpec, *, text_encoder=None, codec: Codec | None = None,
-                 window: int | None = None, sink: int | None = None, seed: int = 0) -> None:
+                 window: int | None = None, sink: int | None = None, seed: int = 0, static: bool = False) -> None:
+        """`static`: a preallocated ring-buffer KV cache (models/kv_cache.StaticKVCache: the same frames, static
+        shapes for torch.compile / CUDA graphs); it needs a window."""
         if not spec.causal:
             raise SessionError("a streaming session needs a causal (frame-wise or chunk-wise AR) model; this "
                                "checkpoint is bidirectional")
@@ -54,6 +56,9 @@ class Session:
         self.sink = spec.sink if sink is None else sink
         self.latent_shape, self.pixel_shape = tuple(spec.latent_shape), tuple(spec.pixel_shape)
         self.seed = seed
+        if static and not self.window:
+            raise SessionError("a static KV cache needs a window (window=...)")
+        self.static = static
         sched = spec.schedule()
         self.sampler, self.sigmas, self.first_sigmas = SAMPLERS[sched.sampler], sched.sigmas, sched.first_sigmas
         self.guidance_scale = float(spec.guidance)
@@ -79,7 +84,8 @@ class Session:
         if first_frame is not None and tuple(first_frame.shape) != self.pixel_shape:
             raise SessionError(f"first frame has shape {tuple(first_frame.shape)}, the model makes "
                                f"{self.pixel_shape}")
-        self.cache = self.model.new_cache(block_size=self.block_size, window=self.window, sink=self.sink)
+        kw = {"static": True} if self.static else {}  # analytic test models take no `static`
+        self.cache = self.model.new_cache(block_size=self.block_size, window=self.window, sink=self.sink, **kw)
         self.decoder = self.codec.decoder()
         self.generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
         self.generated = 0
