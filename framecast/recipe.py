@@ -30,6 +30,7 @@ from .media import grid, plot_metrics, write_video
 from .schema import differing_keys
 from .spec import SamplingSpec
 from .train import checkpoint as ckpt
+from .train.lock import run_lock
 from .train.loop import Trainer
 
 METHOD_SECTIONS = ("few_step", "ode", "cd", "dmd")  # read only by the stages that name them
@@ -63,16 +64,17 @@ def train_stage(cfg: C.RunConfig) -> Path:
     source = S.build_data(cfg)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    C.dump(cfg, run_dir / "config.yaml")
-    plan = st.build(cfg, model, source, S.load_roles(cfg))
-    spec = S.sampling_spec(cfg)
-    meta = {"stage": cfg.stage, "sampling": spec.to_json()}
-    # vector videos are not images: no sample videos for them (their metrics come from the analytic teachers)
-    sample_fn = make_sample_fn(cfg, spec, source, S.codec_for(cfg)) if cfg.data.name == "shapes" else None
-    trainer = Trainer(cfg, plan.objective, plan.source, run_dir=run_dir, meta=meta, sample_fn=sample_fn,
-                      optim=plan.optim)
-    trainer.fit()
-    plot_metrics(trainer.metrics_path, run_dir / "loss.png", keys=("loss",))
+    with run_lock(run_dir):
+        C.dump(cfg, run_dir / "config.yaml")
+        plan = st.build(cfg, model, source, S.load_roles(cfg))
+        spec = S.sampling_spec(cfg)
+        meta = {"stage": cfg.stage, "sampling": spec.to_json()}
+        # vector videos are not images: no sample videos (their metrics come from the analytic teachers)
+        sample_fn = make_sample_fn(cfg, spec, source, S.codec_for(cfg)) if cfg.data.name == "shapes" else None
+        trainer = Trainer(cfg, plan.objective, plan.source, run_dir=run_dir, meta=meta, sample_fn=sample_fn,
+                          optim=plan.optim)
+        trainer.fit()
+        plot_metrics(trainer.metrics_path, run_dir / "loss.png", keys=("loss",))
     return ckpt.resolve(run_dir)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +31,9 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, RunConfig, from_dict, to_dict, upgrade
-from ..errors import UserError
 from . import checkpoint as ckpt
 from .ema import EMA
+from .lock import RunLockedError, run_lock  # noqa: F401  (re-exported)
 from .objective import Objective
 
 
@@ -49,54 +48,6 @@ class OptimSpec:
 class TrainState:
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-class RunLockedError(UserError, RuntimeError):
-    """Another live process is training this run directory."""
-
-
-def _lock_owner(path: Path) -> int | None:
-    """The live process holding the lock file, or None when the file is stale (owner gone, unreadable)."""
-    try:
-        pid = int(path.read_text().strip())
-    except (ValueError, FileNotFoundError):
-        return None
-    if pid <= 0:  # os.kill(0, ...) would signal our own process group
-        return None
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # exists, owned by another user
-        return pid
-    return pid
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path):
-    """One training process per run directory: two recipes sharing a stage must not train it twice at once.
-
-    The lock file holds the owner's pid; a lock left by a process that no longer exists is taken over.
-    """
-    path = Path(run_dir) / ".lock"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            pid = _lock_owner(path)
-            if pid is not None:
-                raise RunLockedError(f"{run_dir} is being trained by process {pid}; wait for it (a re-run then "
-                                     f"reuses or resumes the stage) or stop it") from None
-            path.unlink(missing_ok=True)  # stale: its owner has exited
-    else:
-        raise RuntimeError(f"could not take the lock {path}")
-    try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        yield
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -200,9 +151,10 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
 
     def fit(self) -> TrainState:
+        """Train to `train.steps`, resuming from the newest checkpoint. The caller holds the run's lock
+        (train/lock.py: recipe.train_stage takes it before anything in the run folder is written)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with run_lock(self.run_dir):
-            return self._fit()
+        return self._fit()
 
     def _fit(self) -> TrainState:
         t = self.cfg.train
