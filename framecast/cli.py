@@ -1,17 +1,13 @@
-"""`framecast <verb>`: train, pairs, pipeline, sample, quickstart, record, play, bench.
+"""`framecast <verb>`: train, pairs, pipeline, quickstart, sample, inspect, convert, record, play, bench.
 
-    framecast train --config configs/toy.yaml stage=stage1 init=runs/toy/stage0 train.steps=200
     framecast pipeline --recipe configs/toy_framewise_2step.yaml      # stage0 -> 1 -> cd -> dmd, resumable
-    framecast pairs --config configs/toy.yaml distill.teacher=runs/toy/stage1     # ODE pairs only
-    framecast sample --ckpt runs/toy/stage1 --prompt "a red circle moving right slow" --frames 16
+    framecast train --config configs/toy.yaml stage=cd init=runs/toy/stage1 cd.teacher=runs/toy/stage1
+    framecast sample --model causal-forcing++/framewise-2step.pt --base Wan2.1-T2V-1.3B/ --out fox.mp4
+    framecast play --model runs/minigrid/dmd_2step --start data/minigrid_eval   # live, in the browser
     framecast quickstart                      # the main job on the toy, then a streamed sample + report
-    framecast record minigrid --out data/minigrid_train --episodes 2048     # world-model episodes
-    framecast play --ckpt runs/minigrid/dmd_2step --start data/minigrid_eval   # live, in the browser
 
-Errors that come from the user's input (`framecast.errors.UserError`: config keys, checkpoints, data,
-requests) print one line and exit 2; anything else is a bug and keeps its traceback. Choices (stages,
-environments, samplers) come from the registries that define them.
-"""
+Errors from the user's input (`framecast.errors.UserError`: config keys, checkpoints, data, requests) print
+one line and exit 2; anything else is a bug and keeps its traceback. Choices come from the registries."""
 
 from __future__ import annotations
 
@@ -22,16 +18,19 @@ import time
 from pathlib import Path
 
 from . import config as C
+from . import schema as S
+from .errors import UserError
 
-QUICKSTART_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+# argument types: a bad value is one line naming the flag, before any work (schema.py holds the rules)
+POS, NONNEG, SEED, PORT = (S.arg_type(int, r) for r in (S.POSITIVE, S.NON_NEGATIVE, S.SEED, S.PORT))
+FINITE, FPS = S.arg_type(float, S.FINITE), S.arg_type(float, S.FINITE_NON_NEGATIVE)
+DEVICE, FOLDER = S.arg_type(str, problem=S.device_problem), S.arg_type(str, problem=S.folder_problem)
 
 
 def _train(args: argparse.Namespace) -> None:
     from .recipe import train_stage
 
-    cfg = C.load(args.config, args.overrides)
-    path = train_stage(cfg)
-    print(f"checkpoint: {path}")
+    print(f"checkpoint: {train_stage(C.load(args.config, args.overrides), allow_change=args.allow_config_change)}")
 
 
 def _pairs(args: argparse.Namespace) -> None:
@@ -39,13 +38,16 @@ def _pairs(args: argparse.Namespace) -> None:
 
     cfg = C.load(args.config, ["stage=ode", *args.overrides])
     store = make_pairs(cfg)
+    store.verify()  # every shard readable, of its manifest's shapes, finite: a damaged one is named
     print(f"pair store: {store.root} ({store.manifest['num_pairs']} trajectories in {store.num_shards} shards)")
 
 
 def _pipeline(args: argparse.Namespace) -> None:
-    from .recipe import run_recipe
+    from .recipe import run_recipe, split_only
 
-    results = run_recipe(args.recipe, args.overrides, out_dir=args.out, only=args.only)
+    only, extra = split_only(args.only) if args.only else (None, [])  # `--only a b key=value`
+    results = run_recipe(args.recipe, [*args.overrides, *extra], out_dir=args.out, only=only,
+                         allow_change=args.allow_config_change)
     for r in results:
         print(f"{r.key:>12}: {'reused' if r.reused else f'{r.seconds:.0f} s'}  {r.ckpt}")
 
@@ -75,6 +77,9 @@ def _sample(args: argparse.Namespace) -> None:
 
     from .generate import load
 
+    if args.denoising_steps and not (S.STEP_LIST.ok(args.denoising_steps) and max(args.denoising_steps) <= 1000):
+        raise C.ConfigError(f"--denoising-steps {args.denoising_steps}: give strictly decreasing steps in 1..1000, "
+                            f"e.g. 1000 500")
     if args.threads:
         torch.set_num_threads(args.threads)
     m = load(args.model, base=args.base, use_ema=args.ema, device=args.device, preset=args.preset)
@@ -142,9 +147,9 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _quickstart(args: argparse.Namespace) -> None:
-    from .quickstart import run
+    from .quickstart import RECIPE, run
 
-    run(QUICKSTART_CONFIG, args.overrides, out_dir=args.out)
+    run(RECIPE, args.overrides, out_dir=args.out)
 
 
 def _record(args: argparse.Namespace) -> None:
@@ -161,7 +166,8 @@ def _play(args: argparse.Namespace) -> None:
     size = (args.height, args.width) if args.height and args.width else None
     serve(args.model, host=args.host, port=args.port, threads=args.threads, start=args.start, window=args.window,
           env=args.env, fps=args.fps, max_sessions=args.max_sessions, max_frames=args.max_frames, device=args.device,
-          base=args.base, prompt=args.prompt, size=size, preset=args.preset)
+          base=args.base, prompt=args.prompt, size=size, preset=args.preset, token=args.token,
+          allow_origins=args.allow_origin)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -176,6 +182,7 @@ def _add_train(sub) -> None:
     t = sub.add_parser("train", help=f"train one stage ({', '.join(STAGES)}) from a YAML config plus key=value "
                        "overrides")
     t.add_argument("--config", default=None, help="YAML config (defaults if omitted)")
+    t.add_argument("--allow-config-change", action="store_true", help="resume under changed settings")
     t.add_argument("overrides", nargs="*", help="strict overrides, e.g. stage=stage1 train.steps=100 model.preset=toy")
     t.set_defaults(fn=_train)
     o = sub.add_parser("pairs", help="generate (or finish) the ODE-pair store of an ode stage; resumable")
@@ -184,13 +191,14 @@ def _add_train(sub) -> None:
     o.set_defaults(fn=_pairs)
     r = sub.add_parser("pipeline", help="run a recipe's stages in order (stage0 -> stage1 -> ode|cd -> dmd)")
     r.add_argument("--recipe", required=True, help="recipe YAML (configs/toy_*.yaml)")
-    r.add_argument("--out", default="runs", help="where runs are written")
+    r.add_argument("--out", type=FOLDER, default="runs", help="where runs are written")
     r.add_argument("--only", nargs="+", default=None, help="train only these stages (others must be finished)")
+    r.add_argument("--allow-config-change", action="store_true", help="resume stages under changed settings")
     r.add_argument("overrides", nargs="*", help="overrides applied to every stage, e.g. train.threads=2")
     r.set_defaults(fn=_pipeline)
     q = sub.add_parser("quickstart", help="the main job: the quickstart recipe on the toy, then a streamed sample + "
                        "report")
-    q.add_argument("--out", default="runs", help="where runs are written")
+    q.add_argument("--out", type=FOLDER, default="runs", help="where runs are written")
     q.add_argument("overrides", nargs="*", help="overrides applied to both stages, e.g. train.threads=2")
     q.set_defaults(fn=_quickstart)
 
@@ -203,29 +211,28 @@ def _add_sample(sub) -> None:
                    help="a framecast checkpoint (dir, ckpt/ root or run-stage dir), a Wan2.1 folder (diffusers or "
                         "original layout) or an official Causal Forcing / Self Forcing / CausVid model.pt")
     s.add_argument("--base", default=None, help="the Wan2.1 folder a model.pt (or converted checkpoint) builds on")
-    s.add_argument("--preset", default=None, help="sampling preset of an official .pt (framewise-1step, framewise-2step, "
-                   "framewise-4step, chunkwise-4step; default: from its file name)")
-    s.add_argument("--negative-prompt", default=None, help="the CFG null prompt (default: the model's; '' = empty)")
+    s.add_argument("--preset", default=None, help="sampling preset of an official .pt (docs/wan.md)")
+    s.add_argument("--negative-prompt", default=None, help="CFG's null prompt (default: the model's)")
     s.add_argument("--prompt", action="append", help="prompt (repeatable); default: the run's sample prompts")
-    s.add_argument("--num", type=int, default=1, help="videos per prompt")
-    s.add_argument("--frames", type=int, default=0, help="frames of the output video (Wan: 1 + 4k; default: the "
+    s.add_argument("--num", type=POS, default=1, help="videos per prompt")
+    s.add_argument("--frames", type=NONNEG, default=0, help="frames of the output video (Wan: 1 + 4k; default: the "
                    "training clip length)")
-    s.add_argument("--height", type=int, default=0, help="frame height in pixels (default: the model's)")
-    s.add_argument("--width", type=int, default=0, help="frame width in pixels (default: the model's)")
+    s.add_argument("--height", type=NONNEG, default=0, help="frame height in pixels (default: the model's)")
+    s.add_argument("--width", type=NONNEG, default=0, help="frame width in pixels (default: the model's)")
     s.add_argument("--image", default=None, help="image-to-video: this first frame is encoded and kept as context")
     s.add_argument("--video", default=None, help="continuation: these frames are encoded and kept as context")
-    s.add_argument("--steps", type=int, default=None, help="Euler steps per block")
-    s.add_argument("--guidance", type=float, default=None, help="CFG scale")
-    s.add_argument("--window", type=int, default=None, help="attention window in latent frames (rolling KV cache)")
-    s.add_argument("--sink", type=int, default=None, help="first frames that stay in the window (sink)")
+    s.add_argument("--steps", type=POS, default=None, help="Euler steps per block")
+    s.add_argument("--guidance", type=FINITE, default=None, help="CFG scale")
+    s.add_argument("--window", type=NONNEG, default=None, help="attention window in latent frames (rolling KV cache)")
+    s.add_argument("--sink", type=NONNEG, default=None, help="first frames that stay in the window (sink)")
     s.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
                    help="override the checkpoint's sampler (refused for the wrong kind of model unless --force)")
     s.add_argument("--denoising-steps", type=int, nargs="+", default=None,
                    help="few-step list in the warped convention, e.g. 1000 500 (default: the checkpoint's)")
     s.add_argument("--force", action="store_true", help="sample with a sampler the model was not trained for")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu", help="cpu or cuda")
-    s.add_argument("--threads", type=int, default=0,
+    s.add_argument("--seed", type=SEED, default=0)
+    s.add_argument("--device", type=DEVICE, default="cpu", help="cpu or cuda")
+    s.add_argument("--threads", type=NONNEG, default=0,
                    help="torch threads (0: torch's default); use 1 when other jobs keep the cores busy, since "
                         "oversubscribed threads can slow small models by 10-100x")
     s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="use EMA weights")
@@ -253,13 +260,13 @@ def _add_record(sub) -> None:
     w = sub.add_parser("record", help="record episodes (frames + actions) from an environment; resumable")
     w.add_argument("env", choices=sorted(ENVS), help="the environment (data/envs.py)")
     w.add_argument("--out", required=True, help="folder for the manifest and shards")
-    w.add_argument("--episodes", type=int, default=512)
-    w.add_argument("--frames", type=int, default=16, help="frames per episode (the first is the reset view)")
-    w.add_argument("--seed", type=int, default=0, help="episode e uses seed (seed, e): held-out data = another seed")
-    w.add_argument("--tile", type=int, default=4, help="pixels per grid cell of the 7x7 egocentric view")
-    w.add_argument("--size", type=int, default=None,
+    w.add_argument("--episodes", type=POS, default=512)
+    w.add_argument("--frames", type=POS, default=16, help="frames per episode (the first is the reset view)")
+    w.add_argument("--seed", type=SEED, default=0, help="episode e uses seed (seed, e): held-out data = another seed")
+    w.add_argument("--tile", type=POS, default=4, help="pixels per grid cell of the 7x7 egocentric view")
+    w.add_argument("--size", type=POS, default=None,
                    help="frame size: MiniGrid views are padded to it (default 32), Breakout resized (default 64)")
-    w.add_argument("--shard-size", type=int, default=64, help="episodes per shard")
+    w.add_argument("--shard-size", type=POS, default=64, help="episodes per shard")
     w.set_defaults(fn=_record)
 
 
@@ -271,22 +278,24 @@ def _add_play(sub) -> None:
     y.add_argument("--preset", default=None, help="sampling preset of an official .pt (default: from its file name)")
     y.add_argument("--prompt", default=None, help="text models: the prompt a session starts with (the page can "
                    "switch it)")
-    y.add_argument("--height", type=int, default=0, help="text-to-video frame height in pixels")
-    y.add_argument("--width", type=int, default=0, help="text-to-video frame width in pixels")
+    y.add_argument("--height", type=NONNEG, default=0, help="text-to-video frame height in pixels")
+    y.add_argument("--width", type=NONNEG, default=0, help="text-to-video frame width in pixels")
     y.add_argument("--start", default=None, help="recording whose first frames start sessions (default: the "
                    "checkpoint's training recording; none: the model draws the first frame)")
     y.add_argument("--host", default="127.0.0.1")
-    y.add_argument("--port", type=int, default=8000)
-    y.add_argument("--fps", type=float, default=30.0, help="frame-rate cap (0: as fast as the model goes)")
-    y.add_argument("--window", type=int, default=None, help="KV-cache frames (default: the checkpoint's window, "
+    y.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="also accept pages from scheme://host[:port] (repeatable; default: same origin only)")
+    y.add_argument("--token", default=None, help="require ?token=... on the page, /info and the WebSocket")
+    y.add_argument("--port", type=PORT, default=8000)
+    y.add_argument("--fps", type=FPS, default=30.0, help="frame-rate cap (0: as fast as the model goes)")
+    y.add_argument("--window", type=POS, default=None, help="KV-cache frames (default: the checkpoint's window, "
                    "else its training clip length)")
     y.add_argument("--env", default=None, help="action names and keys of this environment (default: from the "
                    "recording's manifest)")
-    y.add_argument("--max-sessions", type=int, default=2, help="concurrent players; the next one is refused")
-    y.add_argument("--max-frames", type=int, default=0, help="frames per session before a reset is needed (0: none)")
-    y.add_argument("--threads", type=int, default=0, help="torch threads (1 is fastest on a 2-core machine that also "
-                   "runs the browser: docs/world_model.md)")
-    y.add_argument("--device", default="cpu", help="cpu or cuda")
+    y.add_argument("--max-sessions", type=POS, default=2, help="concurrent players; the next one is refused")
+    y.add_argument("--max-frames", type=NONNEG, default=0, help="frames per session before a reset is needed (0: none)")
+    y.add_argument("--threads", type=NONNEG, default=0, help="torch threads (docs/world_model.md: 1 on 2 cores)")
+    y.add_argument("--device", type=DEVICE, default="cpu", help="cpu or cuda")
     y.set_defaults(fn=_play)
 
 
@@ -296,15 +305,24 @@ def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="train (or reuse) and evaluate every method of a benchmark; writes a table + gif")
     b.add_argument("suite", choices=sorted(SUITES), help="which benchmark (configs/bench_<suite>.yaml)")
     b.add_argument("--smoke", action="store_true", help="every stage a few steps: checks the path in minutes")
-    b.add_argument("--out", default="runs", help="where runs are written")
-    b.add_argument("--clips", type=int, default=None, help="evaluation clips per method (default 128; smoke 8)")
-    b.add_argument("--threads", type=int, default=0, help="torch threads for training and evaluation")
+    b.add_argument("--out", type=FOLDER, default="runs", help="where runs are written")
+    b.add_argument("--clips", type=POS, default=None, help="evaluation clips per method (default 128; smoke 8)")
+    b.add_argument("--threads", type=NONNEG, default=0, help="torch threads for training and evaluation")
     b.add_argument("overrides", nargs="*", help="overrides applied to every stage")
     b.set_defaults(fn=_bench)
 
 
+class UsageError(UserError):
+    """A command line argparse refuses (a bad flag value, a missing argument): one line and exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own prints the usage too: several lines
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="framecast", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="framecast", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="verb", required=True)
     for add in (_add_train, _add_sample, _add_record, _add_play, _add_bench):
         add(sub)
@@ -312,17 +330,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import UserError
-
-    p = parser()
-    args, extra = p.parse_known_args(argv)
-    # `framecast bench toy --smoke key=value`: argparse binds the positional overrides to the chunk right after
-    # `toy`, so overrides given after options arrive here; any other stray argument is still an error
-    if extra and args.verb == "bench" and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides = [*args.overrides, *extra]
-    elif extra:
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        p = parser()
+        args, extra = p.parse_known_args(argv)
+        # `framecast bench toy --smoke key=value`: argparse binds the positional overrides to the chunk right after
+        # `toy`, so overrides given after options arrive here; any other stray argument is still an error
+        if extra and args.verb == "bench" and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        elif extra:
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
         args.fn(args)
     except UserError as e:
         print(f"framecast: error: {e}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses with one home for every default, named presets, YAML, strict overrides.
 
-A run is described by one `RunConfig`. It is built in three layers, each strict (an unknown key or a
-value of the wrong type is a `ConfigError` naming the key):
+A run is described by one `RunConfig`. It is built in three layers, each strict (an unknown key, a value of
+the wrong type or outside its field's rule, e.g. `steps: int = POSITIVE(100)`, is a `ConfigError` naming the key):
 
     defaults (this file)  ->  YAML recipe (`configs/*.yaml`)  ->  command-line `a.b=c` overrides
 
@@ -19,8 +19,9 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .schema import build as _build
-from .schema import parse_override, to_dict
+from .schema import (DECAY, DEVICE_NAME, FINITE, FINITE_NON_NEGATIVE, FINITE_POSITIVE, NON_NEGATIVE, POSITIVE,
+                     PROBABILITY, SEED, STEP_LIST, STEP_LIST_OR_EMPTY, device_problem, folder_problem, one_of,
+                     parse_override, read_yaml, to_dict, build as _build)
 
 __all__ = ["ConfigError", "RunConfig", "from_dict", "load", "load_recipe", "parse_override", "to_dict", "upgrade"]
 
@@ -33,20 +34,20 @@ class ModelConfig:
     """The one transformer. Field names follow diffusers' `WanTransformer3DModel` arguments."""
 
     preset: str = "tiny"
-    patch_size: tuple[int, int, int] = (1, 4, 4)  # (t, h, w); Wan2.1 uses (1, 2, 2) on VAE latents
-    num_heads: int = 2
-    head_dim: int = 16
-    in_channels: int = 3
-    out_channels: int = 3
-    text_dim: int = 32
-    freq_dim: int = 32  # sinusoidal time-embedding width
-    ffn_dim: int = 64
-    num_layers: int = 2
+    patch_size: tuple[int, int, int] = POSITIVE((1, 4, 4))  # (t, h, w); Wan2.1 uses (1, 2, 2) on VAE latents
+    num_heads: int = POSITIVE(2)
+    head_dim: int = POSITIVE(16)
+    in_channels: int = POSITIVE(3)
+    out_channels: int = POSITIVE(3)
+    text_dim: int = POSITIVE(32)
+    freq_dim: int = POSITIVE(32)  # sinusoidal time-embedding width
+    ffn_dim: int = POSITIVE(64)
+    num_layers: int = POSITIVE(2)
     cross_attn_norm: bool = True
-    eps: float = 1e-6
-    rope_max_seq_len: int = 1024  # only sizes the stock RoPE table; our RoPE is computed from positions
-    num_actions: int = 0  # > 0 adds a zero-initialised per-frame action embedder (world models)
-    attention_backend: str = "sdpa"  # sdpa (dense boolean mask, CPU + training) | flex (CUDA, opt-in)
+    eps: float = FINITE_POSITIVE(1e-6)
+    rope_max_seq_len: int = POSITIVE(1024)  # only sizes the stock RoPE table; our RoPE is computed from positions
+    num_actions: int = NON_NEGATIVE(0)  # > 0 adds a zero-initialised per-frame action embedder (world models)
+    attention_backend: str = one_of("sdpa", "flex")  # sdpa: dense boolean mask (CPU, training); flex: CUDA opt-in
     gradient_checkpointing: bool = False
     codec: str = "identity"  # the latent codec (models/codecs.py): identity = the frames are the latents (toys)
     codec_source: str = ""  # the codec's weights (a Wan VAE folder or .pth); identity needs none
@@ -77,50 +78,48 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 class FlowConfig:
     """Rectified-flow schedule (method.md §2). Sigmas are exact; no 1000-point snapping at sampling time."""
 
-    shift: float = 5.0
-    num_train_timesteps: int = 1000  # the grid training sigmas are drawn from
-    weighting: str = "bell"  # bell (Stage-1 "bsmntw" weight, method.md §2) | uniform
+    shift: float = FINITE_POSITIVE(5.0)
+    num_train_timesteps: int = POSITIVE(1000)  # the grid training sigmas are drawn from
+    weighting: str = one_of("bell", "uniform")  # bell (Stage-1 "bsmntw" weight, method.md §2) | uniform
 
 
 @dataclass
 class DataConfig:
-    name: str = "shapes"  # shapes | vectors | episodes (recorded by `framecast record`)
+    name: str = one_of("shapes", "vectors", "episodes")  # episodes: recorded by `framecast record`
     path: str = ""  # episodes only: the recording's folder
-    num_frames: int = 8
-    height: int = 32
-    width: int = 32
-    seed: int = 0
-    length: int = 100_000  # virtual dataset size; samples are generated on demand
-    text_encoder: str = "hash"  # hash | minilm | umt5
+    num_frames: int = POSITIVE(8)
+    height: int = POSITIVE(32)
+    width: int = POSITIVE(32)
+    seed: int = SEED(0)
+    length: int = POSITIVE(100_000)  # virtual dataset size; samples are generated on demand
+    text_encoder: str = one_of("hash", "minilm", "umt5")
     text_encoder_source: str = ""  # the text encoder's weights and tokenizer (umt5: a folder or .pth)
-    text_tokens: int = 16
+    text_tokens: int = POSITIVE(16)
     # vectors only: frames are `dim`-vectors from a Gaussian mixture (data/vectors.py)
-    vector_dim: int = 2
-    vector_components: int = 2
-    vector_std: float = 0.05
+    vector_dim: int = POSITIVE(2)
+    vector_components: int = POSITIVE(2)
+    vector_std: float = FINITE_POSITIVE(0.05)
 
 
 @dataclass
 class ObjectiveConfig:
     name: str = "diffusion"
     # diffusion: bidirectional (Stage 0) | teacher_forcing (Stage 1, TF) | diffusion_forcing (Stage 1, DF)
-    mode: str = ""  # "" = the stage's own mode (stages.py); only stage1 has a choice (TF or DF)
-    block_size: int = 1  # K latent frames per AR block (1 frame-wise, 3 chunk-wise)
-    window: int = 0  # attention window in frames, counting the current block; 0 = unbounded
-    sink: int = 0  # frames at the start that stay visible when a window is set
-    text_dropout: float = 0.1  # caption dropout so the model also learns the unconditional velocity (CFG)
+    mode: str = one_of("", "bidirectional", "teacher_forcing", "diffusion_forcing")  # "": the stage's own (stages.py)
+    block_size: int = POSITIVE(1)  # K latent frames per AR block (1 frame-wise, 3 chunk-wise)
+    window: int = NON_NEGATIVE(0)  # attention window in frames, counting the current block; 0 = unbounded
+    sink: int = NON_NEGATIVE(0)  # frames at the start that stay visible when a window is set
+    text_dropout: float = PROBABILITY(0.1)  # caption dropout: the model also learns the unconditional velocity
 
 
 @dataclass
 class FewStepConfig:
-    """The schedule of a few-step generator (stages ode, cd, dmd; method.md §2, §7.6).
+    """The schedule of a few-step generator (stages ode, cd, dmd; method.md §2, §7.6). Step lists use the
+    reference configs' warped convention (method.md §12.3): [1000, 500] means sigmas shift(1.0), shift(0.5) =
+    1, .8333 at shift 5."""
 
-    Step lists use the reference configs' warped convention (method.md §12.3): [1000, 500] means sigmas
-    shift(1.0), shift(0.5) = 1, .8333 at shift 5.
-    """
-
-    denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
-    first_block_steps: list[int] = field(default_factory=list)  # the first block's own schedule; [] = the same
+    denoising_steps: list[int] = STEP_LIST([1000, 750, 500, 250])
+    first_block_steps: list[int] = STEP_LIST_OR_EMPTY([])  # the first block's own schedule; [] = the same
 
 
 @dataclass
@@ -128,13 +127,13 @@ class ODEConfig:
     """Stage 2a, causal ODE initialisation (method.md §5). Checkpoint paths accept `@<stage>` in a recipe."""
 
     teacher: str = ""  # the Stage-1 AR teacher (the Stage-0 base for the bidirectional baseline)
-    teacher_kind: str = "causal"  # causal (AR teacher, clean GT context) | bidirectional (Self Forcing baseline)
-    grid_steps: int = 48  # N of the teacher's Euler grid; the few-step sigmas must lie on it (method.md §5.1)
-    guidance: float = 3.0  # teacher CFG; the reference uses 6 for ODE and 3 for CD (method.md §12.2)
-    num_pairs: int = 256  # ODE trajectories to generate
-    shard_size: int = 64  # trajectories per shard of the pair store
+    teacher_kind: str = one_of("causal", "bidirectional")  # causal: AR, clean GT context; bidirectional: SF baseline
+    grid_steps: int = POSITIVE(48)  # N of the teacher's Euler grid; few-step sigmas lie on it (method.md §5.1)
+    guidance: float = FINITE(3.0)  # teacher CFG; the reference uses 6 for ODE and 3 for CD (method.md §12.2)
+    num_pairs: int = POSITIVE(256)  # ODE trajectories to generate
+    shard_size: int = POSITIVE(64)  # trajectories per shard of the pair store
     pairs_dir: str = ""  # where the pair store lives; default <run dir>/pairs
-    pair_mode: str = "cached"  # cached (block-wise with the KV cache) | packed (teacher-forcing forward)
+    pair_mode: str = one_of("cached", "packed")  # cached: block-wise, KV cache; packed: teacher-forcing forward
 
 
 @dataclass
@@ -142,9 +141,9 @@ class CDConfig:
     """Stage 2b, causal consistency distillation (Causal Forcing++, method.md §6)."""
 
     teacher: str = ""  # the Stage-1 AR teacher
-    grid_steps: int = 48  # N of the consistency grid; the few-step sigmas must lie on it
-    guidance: float = 3.0  # teacher CFG of the online Euler step
-    target_decay: float = 0.99  # EMA target network of the student (method.md §6)
+    grid_steps: int = POSITIVE(48)  # N of the consistency grid; the few-step sigmas must lie on it
+    guidance: float = FINITE(3.0)  # teacher CFG of the online Euler step
+    target_decay: float = DECAY(0.99)  # EMA target network of the student (method.md §6)
 
 
 @dataclass
@@ -153,17 +152,16 @@ class DMDConfig:
 
     real: str = ""  # the real score: the bidirectional base, frozen
     critic: str = ""  # the fake score's initialisation: the bidirectional base (method.md §7.1)
-    real_guidance: float = 4.0  # u + g (c - u); the reference's x_c + 3 (x_c - x_u) is g = 4 (method.md §12.1)
-    critic_ratio: int = 5  # critic updates per generator update (method.md §7.5)
-    critic_lr: float = 4.0e-7
-    critic_betas: tuple[float, float] = (0.0, 0.999)
-    sigma_min: float = 0.02  # noise levels: shift(U{0..999}/1000) clamped to [min, max] (method.md §7.3)
-    sigma_max: float = 0.98
-    context_sigma: float = 0.0  # noise level of the committed context in self-rollout (0: clean, method.md §12.8)
+    real_guidance: float = FINITE(4.0)  # u + g (c - u); the reference's x_c + 3 (x_c - x_u) is g = 4 (method.md §12.1)
+    critic_ratio: int = POSITIVE(5)  # critic updates per generator update (method.md §7.5)
+    critic_lr: float = FINITE_NON_NEGATIVE(4.0e-7)
+    critic_betas: tuple[float, float] = DECAY((0.0, 0.999))
+    sigma_min: float = PROBABILITY(0.02)  # noise: shift(U{0..999}/1000) clamped to [min, max] (method.md §7.3)
+    sigma_max: float = PROBABILITY(0.98)
+    context_sigma: float = PROBABILITY(0.0)  # noise of the committed context in self-rollout (0: clean, method.md §12.8)
 
 
-# `distill:` held every method's knobs until they were split by method; old recipes get a "moved to" error
-# and old checkpoints are upgraded silently (`upgrade`).
+# `distill:` held every method's knobs until split by method: recipes get a "moved to" error, checkpoints `upgrade`
 MOVED = {
     "denoising_steps": ["few_step.denoising_steps"], "first_block_steps": ["few_step.first_block_steps"],
     "grid_steps": ["ode.grid_steps", "cd.grid_steps"], "teacher": ["ode.teacher", "cd.teacher"],
@@ -178,35 +176,35 @@ MOVED = {
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01
-    grad_clip: float = 10.0
-    warmup: int = 0  # linear learning-rate warm-up steps
-    ema_decay: float = 0.0  # 0 disables EMA
-    ema_start: int = 0
-    log_every: int = 10
-    sample_every: int = 0  # 0: only at the end
-    ckpt_every: int = 0  # 0: only at the end
-    seed: int = 0
-    device: str = "cpu"
-    amp: str = "none"  # none | bf16 (autocast; fp32 master weights)
+    steps: int = POSITIVE(100)
+    batch_size: int = POSITIVE(4)
+    grad_accum: int = POSITIVE(1)
+    lr: float = FINITE_NON_NEGATIVE(1e-4)
+    betas: tuple[float, float] = DECAY((0.9, 0.999))
+    weight_decay: float = FINITE_NON_NEGATIVE(0.01)
+    grad_clip: float = FINITE_NON_NEGATIVE(10.0)  # 0: no clipping
+    warmup: int = NON_NEGATIVE(0)  # linear learning-rate warm-up steps
+    ema_decay: float = DECAY(0.0)  # 0 disables EMA
+    ema_start: int = NON_NEGATIVE(0)
+    log_every: int = NON_NEGATIVE(10)  # 0 acts as 1
+    sample_every: int = NON_NEGATIVE(0)  # 0: only at the end
+    ckpt_every: int = NON_NEGATIVE(0)  # 0: only at the end
+    seed: int = SEED(0)
+    device: str = DEVICE_NAME("cpu")  # must exist on this machine when a run is loaded
+    amp: str = one_of("none", "bf16")  # none | bf16 (autocast; fp32 master weights)
     progress: bool = True
-    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    threads: int = NON_NEGATIVE(0)  # torch intra-op threads; 0 keeps torch's default
 
 
 @dataclass
 class SampleConfig:
-    num_frames: int = 8
-    steps: int = 20  # Euler steps per block for a multi-step (Stage 0/1) model
-    guidance: float = 3.0  # CFG scale: v_u + g (v_c - v_u)
+    num_frames: int = POSITIVE(8)
+    steps: int = POSITIVE(20)  # Euler steps per block for a multi-step (Stage 0/1) model
+    guidance: float = FINITE(3.0)  # CFG scale: v_u + g (v_c - v_u)
     prompts: list[str] = field(default_factory=lambda: ["a red circle moving right slow"])
-    seed: int = 0
-    fps: int = 8
-    num_videos: int = 1
+    seed: int = SEED(0)
+    fps: int = POSITIVE(8)
+    num_videos: int = POSITIVE(1)
 
 
 @dataclass
@@ -265,17 +263,15 @@ def _refuse_moved(data: dict[str, Any]) -> None:
 
 
 def from_dict(data: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
-    """Merge plain data over `base` (default: all defaults) and validate every key and type."""
+    """Merge plain data over `base` (default: all defaults) and validate every key, type and value rule."""
     _refuse_moved(data)
     return _build(RunConfig, _merge(to_dict(base or RunConfig()), data), "")
 
 
 def upgrade(data: dict[str, Any]) -> dict[str, Any]:
-    """A config as an older framecast stored it (in a checkpoint or a run folder), in today's layout.
-
-    `distill:` is split into its method sections and model keys added since keep their defaults, so old
-    runs still load, resume and sample. What users write is never upgraded: `from_dict` refuses it.
-    """
+    """A config as an older framecast stored it (in a checkpoint or a run folder), in today's layout: `distill:`
+    is split into its method sections and model keys added since keep their defaults, so old runs still load,
+    resume and sample. What users write is never upgraded: `from_dict` refuses it."""
     data = copy.deepcopy(data)
     old = data.pop("distill", None)
     if isinstance(old, dict):
@@ -286,25 +282,25 @@ def upgrade(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
-    """A YAML mapping from a file, or a one-line ConfigError naming the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what} file {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what} file {str(p)!r} is not valid YAML: {e}".splitlines()[0]) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} file {str(p)!r} must hold a mapping, got {type(data).__name__}")
-    return data
+def _check_run(cfg: RunConfig) -> None:
+    """What a run about to start needs (never asked of a stored config: a GPU-trained checkpoint still samples
+    on a CPU): its device and out_dir on this machine, step lists within flow.num_train_timesteps."""
+    fs, T = cfg.few_step, cfg.flow.num_train_timesteps
+    over = next((k for k in ("denoising_steps", "first_block_steps") if max(getattr(fs, k), default=0) > T), None)
+    for key, value, problem in (("train.device", cfg.train.device, device_problem(cfg.train.device)),
+                                ("out_dir", cfg.out_dir, folder_problem(cfg.out_dir)),
+                                (f"few_step.{over}", getattr(fs, over or "denoising_steps"),
+                                 over and f"values must be <= flow.num_train_timesteps ({T})")):
+        if problem:
+            raise ConfigError(f"config key {key!r} is {value!r}: {problem}")
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """defaults -> YAML file -> overrides, each layer strict."""
+    """defaults -> YAML file -> overrides, each layer strict; then what the run needs from this machine."""
     cfg = from_dict(read_yaml(path) if path is not None else {})
     for text in overrides:
         cfg = from_dict(parse_override(text), base=cfg)
+    _check_run(cfg)
     return cfg
 
 
@@ -322,10 +318,9 @@ class Recipe:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """A recipe YAML: `name`, `base` (a RunConfig mapping or a YAML path) and `stages` (name -> overrides).
-
-    A stage's key is its run directory; its kind is the key itself or the `stage:` it sets. Every stage is validated strictly; command-line overrides apply to every stage.
-    """
+    """A recipe YAML: `name`, `base` (a RunConfig mapping or a YAML path) and `stages` (name -> overrides). A
+    stage's key is its run directory, its kind the key itself or the `stage:` it sets; every stage is validated
+    strictly (no repeated keys either) and the command-line overrides apply to every stage."""
     p = Path(path)
     data = read_yaml(p, "recipe")
     unknown = sorted(set(data) - {"name", "base", "stages"})
@@ -338,13 +333,18 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     base_data = data.get("base") or {}
     if isinstance(base_data, str):  # a path to a run config YAML, relative to the recipe
         base_data = read_yaml(p.parent / base_data, "base config")
+    if not isinstance(base_data, dict):
+        raise ConfigError(f"recipe {str(p)!r}: `base` must be a mapping or a YAML path, got {base_data!r}")
     base = from_dict({**base_data, "name": name})
     out = []
     for key, extra in stages.items():
+        if not isinstance(key, str) or not isinstance(extra, (dict, type(None))):  # YAML reads `1:` as an int
+            raise ConfigError(f"recipe {str(p)!r}: stage {key!r}: {extra!r} is not a name mapped to overrides")
         extra = dict(extra or {})
         kind = extra.pop("stage", key)  # `dmd_1step: {stage: dmd, ...}`: the key names the run, stage the kind
         cfg = from_dict({**extra, "stage": kind, "tag": key if key != kind else ""}, base=base)
         for text in overrides:
             cfg = from_dict(parse_override(text), base=cfg)
+        _check_run(cfg)
         out.append(cfg)
     return Recipe(name, out)

@@ -51,22 +51,36 @@ def codec_for(cfg: C.RunConfig) -> Codec:
     return build_codec(cfg.model.codec, cfg.model.in_channels, source=cfg.model.codec_source or None)
 
 
+def read_meta(src: Path) -> dict:
+    """A checkpoint's meta.json: a JSON object whose `ema` (if any) lists weight names, or a CheckpointError
+    naming the file."""
+    meta = ckpt.read_meta(src)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint file {src / ckpt.META} must hold a JSON object, not a "
+                              f"{type(meta).__name__}")
+    if not isinstance(meta.get("ema", []), list):
+        raise CheckpointError(f"checkpoint file {src / ckpt.META}: `ema` must list weight names, got {meta['ema']!r}")
+    return meta
+
+
 def stored_config(src: Path, meta: dict) -> C.RunConfig:
     """The run config a checkpoint stored, upgraded from older layouts (config.upgrade)."""
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"checkpoint file {src / ckpt.META} has no `config` mapping (the run's config)")
     try:
         return C.from_dict(C.upgrade(meta["config"]))
-    except (KeyError, TypeError, C.ConfigError) as e:
-        raise CheckpointError(f"{src / ckpt.META} has no usable config ({e})") from None
+    except (C.ConfigError, TypeError) as e:
+        raise CheckpointError(f"checkpoint file {src / ckpt.META} has no usable config ({e})") from None
 
 
 def stored_spec(src: Path, meta: dict) -> SamplingSpec:
-    return SamplingSpec.from_json(meta.get("sampling"), where=str(src / ckpt.META))
+    return SamplingSpec.from_json(meta.get("sampling"), where=f"checkpoint file {src / ckpt.META}")
 
 
 def init_from(denoiser: Denoiser, path: str | Path) -> Path:
     """Load the weights of another stage's checkpoint (its EMA if it kept one)."""
     src = ckpt.resolve(path)
-    meta = ckpt.read_meta(src)
+    meta = read_meta(src)
     stem = "ema_model" if "model" in meta.get("ema", []) else "model"
     ckpt.load_weights(denoiser, src, stem)
     return src
@@ -155,7 +169,7 @@ def load(path: str | Path, *, base: str | Path | None = None, use_ema: bool | No
     if fmt != "framecast":
         return _load_wan(path, fmt, base=base, use_ema=use_ema, device=device, preset=preset)
     src = ckpt.resolve(path)
-    meta = ckpt.read_meta(src)
+    meta = read_meta(src)
     cfg, spec = stored_config(src, meta), stored_spec(src, meta)
     if base is not None:  # a converted Wan checkpoint whose VAE and text encoder now live elsewhere
         cfg = _on_base(cfg, base)

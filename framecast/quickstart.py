@@ -27,6 +27,7 @@ from .recipe import run_recipe
 from .train import checkpoint as ckpt
 from .train.loop import read_log
 
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 EVAL_CLIPS = 32  # held-out captions sampled per stage by its health check; the metric table reads those scores
 COLUMNS = ("fidelity", "subject_consistency", "dynamic_degree", "motion_smoothness", "instruction_following")
 

@@ -4,11 +4,18 @@ Each stage writes `runs/<name>/<stage or tag>/` with config.yaml, metrics.jsonl,
 (architecture.md §5). Its checkpoints carry the run's `SamplingSpec`, so `framecast sample` needs nothing
 but the checkpoint.
 
+A run folder is written by one process at a time, under its lock (train/lock.py), and only once the config
+has passed every check. A run folder that already holds checkpoints continues only under the settings it
+was trained with: "the same settings" means the same config without runtime-only keys (threads, progress),
+how far to train (train.steps) and where the folder is, comparing the sections every stage reads plus the
+stage's own section (stages.Stage.section), so a knob of another method never blocks it. Other settings are
+refused, naming the keys, unless `allow_change=True` continues an unfinished run under them on purpose; a
+folder holding more steps than train.steps is refused.
+
 `run_recipe` runs a recipe's stages in order, each initialised from the previous checkpoint and resumable
 stage by stage: a finished stage with the same settings is reused, an unfinished one continues from its
-newest checkpoint, and a finished one with other settings is an error (never overwritten). "The same
-settings" means the same config without runtime-only keys, comparing the sections every stage reads plus the
-stage's own section (stages.Stage.section), so a knob of another method never blocks reuse.
+newest checkpoint, and a finished one with other settings is an error (never overwritten). Its `--only`
+names and every stage's `@<stage>` references are checked before any stage trains.
 """
 
 from __future__ import annotations
@@ -51,10 +58,32 @@ def make_sample_fn(cfg: C.RunConfig, spec: SamplingSpec, source, codec):
     return sample_fn
 
 
-def train_stage(cfg: C.RunConfig) -> Path:
-    """Train one stage; returns its newest checkpoint directory."""
+def check_train(cfg: C.RunConfig) -> None:
+    """The train.* values no run can use, refused before anything is built or written (architecture.md §5).
+
+    The Trainer checks the same; checking here too lets train_stage refuse them before it takes the lock."""
+    t = cfg.train
+    if t.grad_accum < 1 or t.batch_size < 1 or t.steps < 0:
+        raise C.ConfigError(f"train.batch_size, train.grad_accum must be >= 1 and train.steps >= 0, got "
+                            f"{t.batch_size}, {t.grad_accum}, {t.steps}")
+    if t.amp not in ("none", "bf16"):
+        raise C.ConfigError(f"unknown train.amp {t.amp!r}; choose none or bf16")
+    negative = [k for k in ("warmup", "ckpt_every", "sample_every") if getattr(t, k) < 0]
+    if negative:
+        raise C.ConfigError(f"train.{negative[0]} must be >= 0, got {getattr(t, negative[0])}")
+
+
+def train_stage(cfg: C.RunConfig, *, allow_change: bool = False) -> Path:
+    """Train one stage, or continue its run; returns its newest checkpoint directory.
+
+    Everything that can refuse the config (values, model, init, data, roles) runs before the run folder is
+    touched; then its lock is taken, what the folder holds is checked (`check_resume`: a run trained with
+    other settings, or with more steps, is refused unless `allow_change` allows the settings deliberately),
+    and only then is anything written, config.yaml last before training (architecture.md §5).
+    """
     st = S.get(cfg.stage)
     cfg = S.normalise(cfg)  # validates the stage and its mode before any work
+    check_train(cfg)
     torch.manual_seed(cfg.train.seed)  # parameter init
     model = build_denoiser(cfg.model, cfg.train.device)
     if cfg.init:
@@ -62,20 +91,107 @@ def train_stage(cfg: C.RunConfig) -> Path:
     elif st.needs_init:
         raise C.ConfigError(f"stage {cfg.stage!r} distills an existing model: set init= (a checkpoint path)")
     source = S.build_data(cfg)
+    roles = S.load_roles(cfg)  # read only; loaded where the original order drew them (the global RNG)
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
-        C.dump(cfg, run_dir / "config.yaml")
-        plan = st.build(cfg, model, source, S.load_roles(cfg))
+        check_resume(cfg, allow_change=allow_change)
+        plan = st.build(cfg, model, source, roles)
         spec = S.sampling_spec(cfg)
         meta = {"stage": cfg.stage, "sampling": spec.to_json()}
         # vector videos are not images: no sample videos (their metrics come from the analytic teachers)
         sample_fn = make_sample_fn(cfg, spec, source, S.codec_for(cfg)) if cfg.data.name == "shapes" else None
         trainer = Trainer(cfg, plan.objective, plan.source, run_dir=run_dir, meta=meta, sample_fn=sample_fn,
                           optim=plan.optim)
+        C.dump(cfg, run_dir / "config.yaml")  # the lock is held and the config passed every check
         trainer.fit()
         plot_metrics(trainer.metrics_path, run_dir / "loss.png", keys=("loss",))
     return ckpt.resolve(run_dir)
+
+
+# ------------------------------------------------------------------------------------------------
+# What a run folder already holds, against the settings it is run with again (architecture.md §5)
+# ------------------------------------------------------------------------------------------------
+
+LOCATION_KEYS = ("name", "out_dir", "tag")  # where the run folder is, not what it trained
+FIXED_KEYS = ("model.", "stage")  # a run resumed under another network or stage kind is refused even if allowed
+
+
+def identity(cfg: C.RunConfig) -> dict[str, Any]:
+    """What makes two runs of a stage the same run: its config without runtime keys and other methods' knobs."""
+    st = S.get(cfg.stage)
+    d = C.to_dict(cfg)
+    keep = {st.section} | ({"few_step"} if st.few_step else set())
+    d = {k: v for k, v in d.items() if k not in METHOD_SECTIONS or k in keep}
+    d["train"] = {k: v for k, v in d["train"].items() if k not in RUNTIME_KEYS}
+    return d
+
+
+def changed_keys(saved: C.RunConfig, cfg: C.RunConfig) -> list[str]:
+    """The dotted keys whose settings differ between a run's stored config and `cfg`; train.steps (how far to
+    train) and the folder's location are not settings of what was trained."""
+    a, b = identity(saved), identity(cfg)
+    for d in (a, b):
+        for k in LOCATION_KEYS:
+            d.pop(k, None)
+        d["train"].pop("steps", None)
+    return differing_keys(a, b)
+
+
+def stored_run(cfg: C.RunConfig) -> tuple[Path, int, list[str]] | None:
+    """(newest checkpoint, its step, `changed_keys` against `cfg`) of `cfg`'s run folder; None for a new run."""
+    root = cfg.run_dir / "ckpt"
+    last = ckpt.latest(root) if (root / "latest").is_file() else None
+    if last is None:
+        return None
+    meta = ckpt.read_meta(last)
+    try:
+        saved = S.normalise(C.from_dict(C.upgrade(meta.get("config", {}))), stored=True)
+    except C.ConfigError as e:
+        raise CheckpointError(f"{last} holds a config this framecast cannot read ({e})") from None
+    step = meta.get("step", 0)
+    if step > cfg.train.steps:  # training on would write samples and logs of step train.steps from later weights
+        raise CheckpointError(f"{cfg.run_dir} holds a run of {step} steps, more than train.steps="
+                              f"{cfg.train.steps}; use another name= or move it away")
+    return last, step, changed_keys(saved, S.normalise(cfg))
+
+
+def _keys(diff: list[str]) -> str:
+    return ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+
+
+def finished(cfg: C.RunConfig) -> Path | None:
+    """The final checkpoint of a finished run with these settings; an error if it was made otherwise."""
+    found = stored_run(cfg)
+    if found is None or found[1] != cfg.train.steps:
+        return None  # new or unfinished: train_stage checks what it resumes (check_resume)
+    last, _, diff = found
+    if diff:
+        raise CheckpointError(f"{cfg.run_dir} already holds a finished run with other settings ({_keys(diff)}); "
+                              f"use another name= or move it away")
+    return last
+
+
+def check_resume(cfg: C.RunConfig, *, allow_change: bool = False) -> None:
+    """Refuse to continue a run under settings other than those it was trained with (a mixed run).
+
+    `allow_change`: continue an unfinished run under changed settings on purpose (a lower train.lr, say);
+    its model and stage kind can never change, and a finished run has nothing left to continue."""
+    if finished(cfg) is not None:
+        return  # finished with these settings: the trainer has nothing to do
+    found = stored_run(cfg)
+    if found is None:
+        return
+    last, step, diff = found
+    fixed = [k for k in diff if k.startswith(FIXED_KEYS)]
+    if fixed:
+        raise CheckpointError(f"{last} was trained with a different model config or stage ({_keys(fixed)}); use "
+                              f"another run name (name=...) instead of resuming it")
+    if diff and not allow_change:
+        raise CheckpointError(f"{cfg.run_dir} holds a run trained {step} steps with other settings ({_keys(diff)}); "
+                              f"resuming it would mix them: use another name=, or allow the change on purpose "
+                              f"(--allow-config-change; allow_change=True)")
+    if diff:
+        print(f"== {cfg.run_dir}: resuming at step {step} with changed settings: {_keys(diff)}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,48 +237,67 @@ def resolve_refs(cfg: C.RunConfig, done: dict[str, StageResult], key: str) -> C.
     return C.from_dict(update, base=cfg)
 
 
-def identity(cfg: C.RunConfig) -> dict[str, Any]:
-    """What makes two runs of a stage the same run: its config without runtime keys and other methods' knobs."""
+def split_only(values: list[str] | None) -> tuple[list[str] | None, list[str]]:
+    """`pipeline --only a b key=value` as argparse reads it (nargs="+" takes the overrides after the names too):
+    (the stage names, the overrides). None stays None (no --only); `--only` with no stage name is an error."""
+    if values is None:
+        return None, []
+    names = [v for v in values if "=" not in v]
+    if not names:
+        raise C.ConfigError(f"--only needs at least one stage name before any key=value override, got {values}")
+    return names, [v for v in values if "=" in v]
+
+
+def _check_stage_refs(stages: list[C.RunConfig], keys: list[str], i: int) -> None:
+    """Stage i's `@<stage>` references name earlier stages (of the kind of model each role needs) and every
+    path it leaves empty has an earlier stage to fill it (resolve_refs)."""
+    cfg, key, earlier = stages[i], keys[i], keys[:i]
     st = S.get(cfg.stage)
-    d = C.to_dict(cfg)
-    keep = {st.section} | ({"few_step"} if st.few_step else set())
-    d = {k: v for k, v in d.items() if k not in METHOD_SECTIONS or k in keep}
-    d["train"] = {k: v for k, v in d["train"].items() if k not in RUNTIME_KEYS}
-    return d
+    refs = {"init": (cfg.init, None)} | {r.key: (S.role_path(cfg, r), r) for r in st.roles}
+    for ref, (v, role) in refs.items():
+        if v.startswith("@"):
+            if v[1:] not in earlier:
+                raise C.ConfigError(f"stage {key!r}: {ref}={v!r} names no earlier stage of this recipe "
+                                    f"(have {sorted(earlier)})")
+            mode = S.mode_of(stages[keys.index(v[1:])])
+            want = role.kind(cfg) if role is not None else None
+            if want is not None and (mode == "bidirectional") != (want == "bidirectional"):
+                raise C.ConfigError(f"stage {key!r}: {ref}={v!r} is a {mode} stage; {ref} needs a {want} model")
+        elif not v and role is not None and role.default(cfg) not in {c.stage for c in stages[:i]}:
+            raise C.ConfigError(f"stage {key!r} needs {role.key}: set it (a checkpoint path or `@<stage>`) or put "
+                                f"a {role.default(cfg)} stage before it")
+        elif not v and role is None and st.needs_init and not earlier:
+            raise C.ConfigError(f"stage {key!r} distills an existing model: set init= (a checkpoint path) or put "
+                                f"the stage it starts from before it")
 
 
-def finished(cfg: C.RunConfig) -> Path | None:
-    """The final checkpoint of a finished run with these settings; an error if it was made otherwise."""
-    root = cfg.run_dir / "ckpt"
-    last = ckpt.latest(root) if (root / "latest").is_file() else None
-    if last is None:
-        return None
-    meta = ckpt.read_meta(last)
-    if meta.get("step", 0) > cfg.train.steps:
-        raise CheckpointError(f"{cfg.run_dir} holds a run of {meta['step']} steps, more than train.steps="
-                              f"{cfg.train.steps}; use another name= or move it away")
-    if meta.get("step") != cfg.train.steps:
-        return None  # unfinished: the trainer resumes it
-    try:
-        saved = identity(S.normalise(C.from_dict(C.upgrade(meta.get("config", {}))), stored=True))
-    except C.ConfigError as e:
-        raise CheckpointError(f"{last} holds a config this framecast cannot read ({e})") from None
-    diff = differing_keys(saved, identity(S.normalise(cfg)))
-    if diff:
-        raise CheckpointError(f"{cfg.run_dir} already holds a finished run with other settings "
-                              f"({', '.join(diff[:3])}); use another name= or move it away")
-    return last
+def check_recipe(stages: list[C.RunConfig], only: list[str] | None = None) -> list[str]:
+    """The recipe's stage keys, once everything that can be checked before training is (architecture.md §5):
+    `only` names stages of it, and every stage's references can be filled, so a bad one late in the recipe
+    is reported before stage0 trains rather than after."""
+    keys = [cfg.tag or cfg.stage for cfg in stages]
+    unknown = [k for k in only or () if k not in keys]
+    if only is not None and (unknown or not only):
+        raise C.ConfigError(f"--only {' '.join(unknown or only) or '(nothing)'}: not a stage of this recipe; its "
+                            f"stages are {', '.join(keys)}")
+    for i in range(len(stages)):
+        _check_stage_refs(stages, keys, i)
+    return keys
 
 
 def run_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, out_dir: str = "runs",
-               only: list[str] | None = None, health_clips: int = 16) -> list[StageResult]:
-    """Run a recipe's stages in order (see the module docstring); `only` limits which stages train.
+               only: list[str] | None = None, health_clips: int = 16,
+               allow_change: bool = False) -> list[StageResult]:
+    """Run a recipe's stages in order (see the module docstring); `only` limits which stages train: the
+    stages before the last one it names must be finished, the stages after it are not run.
 
-    After each stage its health check (eval/health.py) is printed and kept; `health_clips=0` skips it."""
+    `allow_change`: an unfinished stage may continue under changed settings (train_stage). After each stage
+    its health check (eval/health.py) is printed and kept; `health_clips=0` skips it."""
     recipe = C.load_recipe(path, [f"out_dir={out_dir}", *overrides])
+    keys = check_recipe(recipe.stages, only)
+    stop = max(keys.index(k) for k in only) + 1 if only else len(keys)  # later stages feed none of `only`
     done: dict[str, StageResult] = {}
-    for cfg in recipe.stages:
-        key = cfg.tag or cfg.stage
+    for key, cfg in zip(keys[:stop], recipe.stages[:stop]):
         cfg = resolve_refs(cfg, done, key)
         t0 = time.perf_counter()
         found = finished(cfg)
@@ -174,7 +309,8 @@ def run_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
         else:
             print(f"== {key} ({cfg.stage}, {S.mode_of(cfg)}): {cfg.train.steps} steps -> {cfg.run_dir}",
                   flush=True)
-            done[key] = StageResult(key, cfg, train_stage(cfg), time.perf_counter() - t0, False)
+            done[key] = StageResult(key, cfg, train_stage(cfg, allow_change=allow_change),
+                                    time.perf_counter() - t0, False)
         if health_clips:
             done[key].health = stage_health(done[key], health_clips)
     return list(done.values())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +27,16 @@ import torch
 
 from . import flow
 from .errors import CheckpointError, ConfigError
+from .schema import FINITE, FINITE_POSITIVE, NON_NEGATIVE, POSITIVE, Rule, coerce
 
 MODES = ("bidirectional", "teacher_forcing", "diffusion_forcing")
 SAMPLER_NAMES = ("euler", "few_step")
 FEW_STEP_FIELDS = ("sigmas", "first_sigmas", "denoising_steps", "first_block_steps")
+SIGMA = Rule("a noise level in (0, 1]", lambda v: FINITE.ok(v) and 0 < v <= 1)
+FIELD_RULES = {"block_size": POSITIVE, "num_frames": POSITIVE, "latent_shape": POSITIVE, "pixel_shape": POSITIVE,
+               "steps": POSITIVE, "shift": FINITE_POSITIVE, "guidance": FINITE, "window": NON_NEGATIVE,
+               "sink": NON_NEGATIVE, "sigmas": SIGMA, "first_sigmas": SIGMA, "denoising_steps": POSITIVE,
+               "first_block_steps": POSITIVE, "text_tokens": POSITIVE}  # checked when a stored spec is read
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,8 @@ class SamplingSpec:
     def from_json(cls, data: Any, where: str = "checkpoint") -> SamplingSpec:
         """Read a stored spec; the sampling dicts of older checkpoints (`frame_shape`, `few_step`) too."""
         if not isinstance(data, dict):
-            raise CheckpointError(f"{where} has no sampling spec (found {type(data).__name__})")
+            found = "no `sampling` entry" if data is None else f"`sampling` is a {type(data).__name__}"
+            raise CheckpointError(f"{where} has no sampling spec ({found})")
         d = dict(data)
         if "frame_shape" in d:  # written before latent and pixel shapes were kept apart (identity codec)
             d["latent_shape"] = d["pixel_shape"] = d.pop("frame_shape")
@@ -162,11 +170,12 @@ class SamplingSpec:
         unknown = sorted(set(d) - names)
         if unknown:
             raise CheckpointError(f"{where}: unknown sampling field {unknown[0]!r} (a newer framecast wrote it?)")
+        hints = typing.get_type_hints(cls)
         try:
-            for key in ("latent_shape", "pixel_shape", "sigmas", "first_sigmas", "denoising_steps",
-                        "first_block_steps"):
-                if d.get(key) is not None:
-                    d[key] = tuple(d[key])
+            for key, value in d.items():  # every field of its type and within its rule (schema.py)
+                d[key] = coerce(value, hints[key], key)
+                if key in FIELD_RULES and d[key] is not None:
+                    FIELD_RULES[key].check(d[key], key)
             return cls(**d)
         except (TypeError, ConfigError) as e:
             raise CheckpointError(f"{where} holds an unusable sampling spec ({e})") from None

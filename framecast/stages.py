@@ -195,9 +195,13 @@ def _flow_matching(cfg: C.RunConfig, model: Denoiser, source, roles) -> StagePla
 
 
 def make_pairs(cfg: C.RunConfig, source=None, teacher: Denoiser | None = None):
-    """Generate (or finish) the ODE-pair store of an `ode` stage and return it (method.md §5.1); resumable."""
+    """Generate (or finish) the ODE-pair store of an `ode` stage and return it (method.md §5.1); resumable.
+
+    The store folder is written under its own lock (train/lock.py, architecture.md §5): a second process
+    filling it at the same time is refused, naming the owner, before it writes anything."""
     from .data.trajectories import PairStore
     from .objectives.ode import TEACHERS, write_pairs
+    from .train.lock import run_lock
 
     o = cfg.ode
     if o.teacher_kind not in TEACHERS:
@@ -209,10 +213,12 @@ def make_pairs(cfg: C.RunConfig, source=None, teacher: Denoiser | None = None):
                 "grid_steps": o.grid_steps, "shift": cfg.flow.shift, "anchors": anchors.tolist(),
                 "guidance": o.guidance, "block_size": cfg.objective.block_size, "num_pairs": o.num_pairs,
                 "shard_size": o.shard_size, "seed": cfg.train.seed, "data": C.to_dict(cfg.data)}
-    store = PairStore(o.pairs_dir or cfg.run_dir / "pairs", manifest)
-    write_pairs(store, teacher, source, block_size=cfg.objective.block_size, steps=o.grid_steps,
-                shift=cfg.flow.shift, anchors=anchors, guidance=o.guidance, seed=cfg.train.seed,
-                mode=o.pair_mode, teacher_kind=o.teacher_kind, progress=cfg.train.progress)
+    root = o.pairs_dir or cfg.run_dir / "pairs"
+    with run_lock(root, doing="filled with ODE pairs"):
+        store = PairStore(root, manifest)
+        write_pairs(store, teacher, source, block_size=cfg.objective.block_size, steps=o.grid_steps,
+                    shift=cfg.flow.shift, anchors=anchors, guidance=o.guidance, seed=cfg.train.seed,
+                    mode=o.pair_mode, teacher_kind=o.teacher_kind, progress=cfg.train.progress)
     return store
 
 

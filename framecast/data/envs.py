@@ -32,7 +32,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from ..errors import DataError
 from ..schema import differing_keys, read_json
@@ -210,46 +211,70 @@ def record_episode(env, seed: int, episode: int, frames: int, size: int,
 
 
 def _manifest(spec: Environment, out: Path, **settings: Any) -> dict[str, Any]:
-    """The recording's manifest, written if `out` has none; a different one already there is an error."""
+    """The recording's manifest; a different (or unreadable) one already in `out` is an error. Nothing is written."""
     manifest = {"env": spec.name, "env_id": spec.env_id, "actions": list(spec.actions),
                 "null_action": spec.null_action, "state_fields": list(spec.state_fields), **settings}
-    path = out / "manifest.json"
-    if path.exists():
+    if (out / "manifest.json").exists():
         old = read_manifest(out)
         diff = differing_keys(old, manifest)
         if diff:
             raise RecordError(f"{out} holds a different recording ({diff[0]}: {old.get(diff[0])!r} there, "
                               f"{manifest.get(diff[0])!r} asked); choose another --out")
-    else:
-        path.write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
-def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: int = 0, tile: int = 4,
-           size: int | None = None, shard_size: int = 64, progress: bool = True) -> Path:
-    """Record (or finish recording) `episodes` episodes into `out`; returns the manifest path."""
-    from tqdm.auto import tqdm
-
-    spec = get_env(env_name)
-    for k, v in dict(episodes=episodes, frames=frames, tile=tile, shard_size=shard_size).items():
-        if not isinstance(v, int) or v < 1:
+def _check_settings(spec: Environment, size: int | None, **ints: Any) -> int:
+    """The frame size (the environment's default for None); a RecordError for a setting out of range."""
+    for k, v in ints.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise RecordError(f"{k} must be a positive integer, got {v!r}")
     size = spec.size if size is None else size
     if not isinstance(size, int) or size < 8:
         raise RecordError(f"size must be an integer >= 8, got {size!r}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _manifest(spec, out, episodes=episodes, frames=frames, seed=seed, tile=tile, size=size, shard_size=shard_size)
+    return size
+
+
+def _shard_len(manifest: dict[str, Any], i: int) -> int:
+    return min(manifest["shard_size"], manifest["episodes"] - i * manifest["shard_size"])
+
+
+def _todo(out: Path, manifest: dict[str, Any]) -> list[int]:
+    """The shards still to record; every shard already there is checked first (a damaged one is an error)."""
+    todo = []
+    for i in range(-(-manifest["episodes"] // manifest["shard_size"])):
+        path = out / f"shard_{i:05d}.safetensors"
+        if path.exists():
+            read_shard(path, manifest, _shard_len(manifest, i), load=False)
+        else:
+            todo.append(i)
+    return todo
+
+
+def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: int = 0, tile: int = 4,
+           size: int | None = None, shard_size: int = 64, progress: bool = True) -> Path:
+    """Record (or finish recording) `episodes` episodes into `out`; returns the manifest path.
+
+    Everything is checked before anything is written: the settings, the manifest already in `out` (the same
+    recording) and every shard already there (readable, complete, of the recording's shapes)."""
+    from tqdm.auto import tqdm
+
+    spec = get_env(env_name)
+    size = _check_settings(spec, size, episodes=episodes, frames=frames, tile=tile, shard_size=shard_size)
+    if (out := Path(out)).exists() and not out.is_dir():
+        raise RecordError(f"--out {out} is not a folder")
+    manifest = _manifest(spec, out, episodes=episodes, frames=frames, seed=seed, tile=tile, size=size,
+                         shard_size=shard_size)
+    todo = _todo(out, manifest) if out.is_dir() else list(range(-(-episodes // shard_size)))
     env = spec.make(tile)
-    shards = -(-episodes // shard_size)
-    todo = [i for i in range(shards) if not (out / f"shard_{i:05d}.safetensors").exists()]
-    done = episodes - sum(min(shard_size, episodes - i * shard_size) for i in todo)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "manifest.json").exists():
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    done = episodes - sum(_shard_len(manifest, i) for i in todo)
     bar = tqdm(total=episodes, initial=done, desc=f"record {spec.name}", unit="ep", disable=not progress)
     for i in todo:
         eps = range(i * shard_size, min((i + 1) * shard_size, episodes))
         rec = [record_episode(env, seed, e, frames, size, spec) for e in eps]
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(np.stack([r[k] for r in rec])))
-                   for k in ("frames", "actions", "state")}
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(np.stack([r[k] for r in rec]))) for k in SHARD_KEYS}
         tmp = out / f"shard_{i:05d}.tmp"
         save_file(tensors, str(tmp))
         tmp.replace(out / f"shard_{i:05d}.safetensors")  # atomic: a cut-off run never leaves half a shard
@@ -258,12 +283,53 @@ def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: 
     return out / "manifest.json"
 
 
+SHARD_KEYS = ("frames", "actions", "state")
+MANIFEST_INTS = {"episodes": 1, "frames": 1, "shard_size": 1, "null_action": 0}  # required key -> its minimum
+
+
 def read_manifest(root: str | Path) -> dict[str, Any]:
-    """The manifest of a recording, or a RecordError naming the folder."""
-    manifest = read_json(Path(root) / "manifest.json", "recording manifest", RecordError)
+    """The manifest of a recording, or a RecordError naming the file (unreadable, truncated, keys missing)."""
+    path = Path(root) / "manifest.json"
+    manifest = read_json(path, "recording manifest", RecordError)
     if not isinstance(manifest, dict):
-        raise RecordError(f"recording manifest {Path(root) / 'manifest.json'} is not a JSON object")
+        raise RecordError(f"recording manifest {path} is not a JSON object (got {type(manifest).__name__})")
+    if missing := [k for k in MANIFEST_INTS if k not in manifest]:
+        raise RecordError(f"recording manifest {path} lacks {missing}: truncated, or not written by framecast record")
+    for k, least in MANIFEST_INTS.items():
+        v = manifest[k]
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise RecordError(f"recording manifest {path}: {k} must be an integer >= {least}, got {v!r}")
     return manifest
+
+
+def _shard_problem(found: dict[str, tuple[list[int], str]], manifest: dict[str, Any], n: int) -> str | None:
+    """What is wrong with a shard holding `found` (key -> (shape, dtype)) for `n` episodes, or None."""
+    if missing := [k for k in SHARD_KEYS if k not in found]:
+        return f"lacks {missing} (it holds {sorted(found)})"
+    F, size, fields = manifest["frames"], manifest.get("size"), manifest.get("state_fields")
+    hw = [size, size] if isinstance(size, int) else list(found["frames"][0][3:])
+    S = [len(fields)] if isinstance(fields, list) else list(found["state"][0][2:])
+    want = {"frames": ([n, F, 3, *hw], "U8"), "actions": ([n, F], "I64"), "state": ([n, F, *S], "I64")}
+    for k, (shape, dtype) in want.items():
+        if list(found[k][0]) != shape or found[k][1] != dtype:
+            return f"holds {k} {list(found[k][0])} {found[k][1]}, not {shape} {dtype} (from its manifest)"
+    return None
+
+
+def read_shard(path: Path, manifest: dict[str, Any], n: int, *, load: bool = True) -> dict[str, torch.Tensor]:
+    """Shard `path` of a recording, checked against its manifest (`n` episodes): its tensors (none unless
+    `load`), or a RecordError naming the file if it is unreadable, truncated or of other shapes."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+            problem = _shard_problem(found, manifest, n)
+            tensors = {k: f.get_tensor(k) for k in SHARD_KEYS} if load and problem is None else {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise RecordError(f"recording shard {path} is unreadable or truncated ({str(e).splitlines()[0]}); "
+                          f"delete it and re-run framecast record") from None
+    if problem:
+        raise RecordError(f"recording shard {path} {problem}; delete it and re-run framecast record")
+    return tensors
 
 
 def load_episodes(root: str | Path) -> dict[str, torch.Tensor]:
@@ -271,16 +337,14 @@ def load_episodes(root: str | Path) -> dict[str, torch.Tensor]:
     [E, F, S], and the manifest."""
     root = Path(root)
     manifest = read_manifest(root)
-    n = -(-manifest["episodes"] // manifest["shard_size"])
     parts = []
-    for i in range(n):
+    for i in range(-(-manifest["episodes"] // manifest["shard_size"])):
         p = root / f"shard_{i:05d}.safetensors"
         if not p.exists():
             raise RecordError(f"{root} is incomplete: {p.name} is missing (re-run framecast record to finish it)")
-        try:
-            parts.append(load_file(str(p)))
-        except Exception as e:
-            raise RecordError(f"{p} is unreadable ({e}); delete it and re-run framecast record") from None
-    out = {k: torch.cat([p[k] for p in parts]) for k in ("frames", "actions", "state")}
+        parts.append(read_shard(p, manifest, _shard_len(manifest, i)))
+    out = {k: torch.cat([p[k] for p in parts]) for k in SHARD_KEYS}
+    if bool(((out["actions"] < 0) | (out["actions"] > manifest["null_action"])).any()):
+        raise RecordError(f"recording {root} holds actions outside 0..{manifest['null_action']} (the null action)")
     out["manifest"] = manifest
     return out

@@ -13,6 +13,7 @@ mixed in or overwritten: opening it with a different manifest is an error that n
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from .batch import Batch
 
 Tensor = torch.Tensor
 MANIFEST = "manifest.json"
+TIMING = "timing.json"  # shard -> seconds it took to generate (objectives/ode.py writes it, bench reads it)
 FIELDS = ("states", "endpoint", "clean", "text", "null")
 ACTION_FIELDS = ("actions", "null_actions")  # [n, F] int64, world-model stores only (both or neither)
 
@@ -48,7 +50,10 @@ class PairStore:
         path = self.root / MANIFEST
         if path.is_file():
             saved = read_json(path, "pair-store manifest", PairStoreError)
-            diff = differing_keys(saved, self.manifest) if isinstance(saved, dict) else ["(not a JSON object)"]
+            if not isinstance(saved, dict):
+                raise PairStoreError(f"pair-store manifest {path} is not a JSON object (got {type(saved).__name__}); "
+                                     f"set ode.pairs_dir to another folder")
+            diff = differing_keys(saved, self.manifest)
             if diff:
                 k = diff[0].split(".")[0]
                 raise PairStoreError(f"pair store {self.root} was made with {k}={saved.get(k)!r}, not "
@@ -58,6 +63,7 @@ class PairStore:
             tmp = path.with_name(f".{MANIFEST}.tmp")
             tmp.write_text(json.dumps(self.manifest, indent=2))
             os.replace(tmp, path)
+        read_timing(self.root)  # an unreadable timing file is refused before any pair is generated
 
     def shard_path(self, i: int) -> Path:
         return self.root / f"shard_{i:05d}.safetensors"
@@ -86,24 +92,94 @@ class PairStore:
         os.replace(tmp, path)
         return path
 
-    def load(self) -> tuple[dict[str, Tensor], list[str]]:
-        """All shards concatenated (toy scale: the whole store fits in memory)."""
+    def _read(self, i: int) -> tuple[dict[str, Tensor], list[str]]:
+        """Shard i's tensors and captions; a PairStoreError naming the file if it cannot be read."""
+        path = self.shard_path(i)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if missing := [k for k in FIELDS if k not in f.keys()]:
+                    raise ValueError(f"it lacks {missing}")
+                t = {k: f.get_tensor(k) for k in FIELDS + tuple(k for k in ACTION_FIELDS if k in f.keys())}
+                captions = json.loads((f.metadata() or {})["captions"])
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
+            raise self._corrupt(path, f"unreadable or truncated: {str(e).splitlines()[0]}") from None
+        return t, captions
+
+    def _corrupt(self, path: Path, why: str) -> PairStoreError:
+        return PairStoreError(f"pair shard {path} is corrupt ({why}); delete it and re-run to regenerate it")
+
+    def _problem(self, i: int, t: dict[str, Tensor], captions: Any) -> str | None:
+        """What is wrong with shard i's contents (shapes, dtypes, values), or None."""
+        n, clean = self.shard_len(i), t["clean"]
+        anchors = self.manifest.get("anchors")
+        A = len(anchors) if isinstance(anchors, list) else (t["states"].shape[1] if t["states"].dim() > 1 else 0)
+        want = {"clean": (n, *clean.shape[1:]), "endpoint": tuple(clean.shape),
+                "states": (n, A, *clean.shape[1:]), "text": (n, *t["text"].shape[1:]), "null": tuple(t["text"].shape)}
+        if clean.dim() != 5 or t["text"].dim() != 3:
+            return f"clean is {list(clean.shape)} and text {list(t['text'].shape)}, not [n, F, C, H, W] and [n, L, D]"
+        if (acts := [k for k in ACTION_FIELDS if k in t]) and len(acts) == 1:
+            return f"it holds {acts[0]} without {[k for k in ACTION_FIELDS if k not in t][0]}"
+        if acts and t["actions"].dim() != 2:
+            return f"actions is {list(t['actions'].shape)}, not [n, F]"
+        want.update({k: (n, *t["actions"].shape[1:]) for k in acts})
+        for k, shape in want.items():
+            if tuple(t[k].shape) != shape:
+                return f"{k} is {list(t[k].shape)}, not {list(shape)}"
+            if t[k].dtype != (torch.long if k in ACTION_FIELDS else torch.float32):
+                return f"{k} is {t[k].dtype}"
+            if k not in ACTION_FIELDS and not bool(torch.isfinite(t[k]).all()):
+                return f"{k} holds NaN or infinite values"
+        if not isinstance(captions, list) or len(captions) != n or not all(isinstance(c, str) for c in captions):
+            return f"its captions are not {n} strings"
+        return None
+
+    def shards(self):
+        """Every shard's (tensors, captions), each checked: readable, of the shapes its manifest and the first
+        shard give, finite. A damaged shard is a PairStoreError naming the file."""
         missing = self.missing()
         if missing:
             raise PairStoreError(f"pair store {self.root} lacks shards {missing[:5]}; run the ODE stage to finish it")
+        first: dict[str, tuple[int, ...]] = {}
+        for i in range(self.num_shards):
+            t, captions = self._read(i)
+            problem = self._problem(i, t, captions)
+            shapes = {k: tuple(v.shape[1:]) for k, v in t.items()}
+            if problem is None and first and shapes != first:
+                problem = f"its tensors are {shapes}, but shard 0 holds {first}"
+            if problem:
+                raise self._corrupt(self.shard_path(i), problem)
+            first = first or shapes
+            yield t, captions
+
+    def verify(self) -> None:
+        """Check every shard (see `shards`) without keeping them."""
+        for _ in self.shards():
+            pass
+
+    def load(self) -> tuple[dict[str, Tensor], list[str]]:
+        """All shards concatenated (toy scale: the whole store fits in memory)."""
         parts: dict[str, list[Tensor]] = {k: [] for k in FIELDS + ACTION_FIELDS}
         captions: list[str] = []
-        for i in range(self.num_shards):
-            path = self.shard_path(i)
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    for k in FIELDS + tuple(k for k in ACTION_FIELDS if k in f.keys()):
-                        parts[k].append(f.get_tensor(k))
-                    captions += json.loads((f.metadata() or {})["captions"])
-            except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
-                raise PairStoreError(f"pair shard {path} is corrupt or truncated ({str(e).splitlines()[0]}); "
-                                     f"delete it and re-run to regenerate it") from None
+        for t, c in self.shards():
+            for k, v in t.items():
+                parts[k].append(v)
+            captions += c
         return {k: torch.cat(v) for k, v in parts.items() if v}, captions
+
+
+def read_timing(root: str | Path) -> dict[str, float]:
+    """A store's timing file (shard -> seconds it took), {} if there is none; a PairStoreError naming it if it
+    cannot be read."""
+    path = Path(root) / TIMING
+    if not path.exists():
+        return {}
+    times = read_json(path, "pair-store timing file", PairStoreError)
+    ok = isinstance(times, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                         and v >= 0 for v in times.values())
+    if not ok:
+        raise PairStoreError(f"pair-store timing file {path} is not a mapping of shard -> seconds; delete it (the "
+                             f"cost is then estimated from the shards' times)")
+    return times
 
 
 class PairSource:

@@ -173,8 +173,10 @@ TIMING = "timing.json"  # shard -> seconds it took to generate, beside the manif
 
 
 def record_seconds(root: Path, shard: int, seconds: float) -> None:
+    from ..data.trajectories import read_timing
+
     path = Path(root) / TIMING
-    times = json.loads(path.read_text()) if path.exists() else {}
+    times = read_timing(root)  # an unreadable one is a PairStoreError naming it
     times[str(shard)] = round(seconds, 3)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(times, indent=1))
@@ -185,9 +187,11 @@ def pair_seconds(root: str | Path) -> tuple[float, bool]:
     """Seconds spent generating a pair store, and whether that is measured (timing.json) or estimated from
     the shards' modification times (stores written before timing.json existed: the first shard is assumed
     to take the median of the others)."""
+    from ..data.trajectories import read_timing
+
     root = Path(root)
     if (root / TIMING).exists():
-        return float(sum(json.loads((root / TIMING).read_text()).values())), True
+        return float(sum(read_timing(root).values())), True
     stamps = sorted(p.stat().st_mtime for p in root.glob("shard_*.safetensors"))
     if len(stamps) < 2:
         return float("nan"), False

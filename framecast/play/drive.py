@@ -32,9 +32,12 @@ def find_chromium() -> str | None:
 
 
 class Server:
-    """uvicorn serving `create_app(world)` on a free local port in a background thread."""
+    """uvicorn serving `create_app(world, **app_kw)` (app_kw: allow_origins, token) on a free local port (or
+    `port`) in a background thread; `url` is the page's, with the token if there is one."""
 
-    def __init__(self, world, port: int = 0) -> None:
+    def __init__(self, world, port: int = 0, **app_kw) -> None:
+        from urllib.parse import quote
+
         import uvicorn
 
         from .server import MAX_MESSAGE, create_app
@@ -43,8 +46,10 @@ class Server:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/"
-        config = uvicorn.Config(create_app(world), host="127.0.0.1", port=port, log_level="warning",
+        self.port = port
+        token = app_kw.get("token")
+        self.url = f"http://127.0.0.1:{port}/" + (f"?token={quote(token, safe='')}" if token else "")
+        config = uvicorn.Config(create_app(world, **app_kw), host="127.0.0.1", port=port, log_level="warning",
                                 ws_max_size=MAX_MESSAGE * 4)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

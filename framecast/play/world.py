@@ -2,12 +2,14 @@
 and keys (world models) or its first prompt (text-to-video), and the start frames; `load_world` builds it from
 a checkpoint. The server (server.py) creates one `stream.Session` per player from it."""
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from ..models.codecs import uint8_to_pixels
 from ..spec import SamplingSpec
 from ..stream import Session, SessionError
@@ -32,6 +34,14 @@ class World:
     prompt: str = ""                    # text models: the prompt a session starts with
     active: set = field(default_factory=set)
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse options no server can run with (a window of 0 would let the KV cache grow without bound)."""
+        check_options(window=self.window, fps=self.fps, max_sessions=self.max_sessions, max_frames=self.max_frames,
+                      block_size=int(self.spec.block_size or 1))
+
     @property
     def idle(self) -> int | None:
         """The action when no key is held: "stay" where the model has it, else the null action (None)."""
@@ -45,6 +55,26 @@ class World:
         if self.start_frames is None:
             return None
         return self.start_frames[seed % len(self.start_frames)]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_options(*, window=None, fps=None, max_sessions=None, max_frames=None, block_size: int = 1) -> None:
+    """A ConfigError naming the first option (and its CLI flag) outside its allowed values; None: not given.
+    User errors name the key at fault (architecture.md §5)."""
+    rules = [
+        ("window", window, lambda v: _is_int(v) and v >= max(1, block_size),
+         f"an integer >= 1 and >= the model's block size ({block_size}): the KV-cache frames"),
+        ("fps", fps, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+         "a finite number >= 0 (0: as fast as the model goes)"),
+        ("max_sessions", max_sessions, lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        ("max_frames", max_frames, lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: no limit)"),
+    ]
+    for name, value, ok, allowed in rules:
+        if value is not None and not ok(value):
+            raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be {allowed}; got {value!r}")
 
 
 def _start_frames(src, spec: SamplingSpec, explicit: bool) -> tuple[dict | None, torch.Tensor | None]:
@@ -89,6 +119,8 @@ def load_world(ckpt: str | Path, *, start: str | Path | None = None, window: int
     from ..data.envs import ENVS
     from ..generate import load
 
+    # the cheap checks before the model loads; World checks the window against the block size again
+    check_options(window=window, **{k: kw[k] for k in ("fps", "max_sessions", "max_frames") if k in kw})
     m = load(ckpt, device=device, base=base, preset=preset)
     if size:
         m = m.at_size(*size)

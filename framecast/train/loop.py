@@ -31,10 +31,15 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, RunConfig, from_dict, to_dict, upgrade
+from ..errors import UserError
 from . import checkpoint as ckpt
 from .ema import EMA
 from .lock import RunLockedError, run_lock  # noqa: F401  (re-exported)
 from .objective import Objective
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+    """A loss, gradient norm or weight became NaN/inf; names it, the step and the last good checkpoint (kept)."""
 
 
 @dataclass
@@ -90,6 +95,9 @@ class Trainer:
         self.ckpt_root = self.run_dir / "ckpt"
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.state = TrainState()
+        self.last_good: Path | None = None  # the checkpoint resumed from or last saved
+        self.window: dict[str, list[float]] = {}  # values since the last log row: rows hold means, so a loss only
+        # some steps return (DMD's generator) is never dropped; checkpoints keep it, so resumed rows are the same
 
     # ---------------------------------------------------------------------------------------------
 
@@ -111,36 +119,78 @@ class Trainer:
         weights = {n: m.state_dict() for n, m in self.roles.items()}
         weights.update({f"ema_{n}": e.state_dict() for n, e in self.ema.items()})
         weights.update({f"obj_{n}": m.state_dict() for n, m in self.extra.items()})
+        for stem, sd in weights.items():  # a diverged run never replaces the last good checkpoint
+            if not all(bool(torch.isfinite(v).all()) for v in sd.values() if v.is_floating_point()):
+                raise self._diverged(f"the weights {stem!r} are not finite", step)
         meta = {**self.meta, "config": to_dict(self.cfg), "roles": sorted(self.roles),
                 "ema": sorted(self.ema)}
         state = {"step": step, "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-                 "ema_live": sorted(self.ema_live)}
-        return ckpt.save(self.ckpt_root, step, weights=weights, meta=meta, state=state)
+                 "ema_live": sorted(self.ema_live), "log_window": {k: list(v) for k, v in self.window.items()}}
+        if self.metrics_path.is_file():  # the rows up to `step` are as durable as its checkpoint
+            ckpt.fsync_file(self.metrics_path)
+        self.last_good = ckpt.save(self.ckpt_root, step, weights=weights, meta=meta, state=state)
+        return self.last_good
+
+    def _diverged(self, what: str, step: int) -> TrainingDiverged:
+        good = self.last_good or "none (no checkpoint was saved yet)"
+        return TrainingDiverged(f"training diverged: {what} at step {step}; the last good checkpoint is {good}, "
+                                f"left untouched (resume from it with a lower train.lr or a train.grad_clip, or "
+                                f"use another name=)")
 
     def resume(self) -> int:
-        """Continue from the newest checkpoint of this run, if any; returns the step to start at."""
-        last = ckpt.latest(self.ckpt_root) if self.ckpt_root.exists() else None
-        if last is None:
-            return 0
-        saved = ckpt.read_meta(last)
+        """Continue from the newest intact checkpoint of this run, if any; returns the step to start at.
+
+        What interrupted saves left is removed first; newer checkpoints that are incomplete or do not load
+        are moved aside with a warning (their steps are trained and saved again); the `latest` pointer is set
+        to the checkpoint resumed from and metrics.jsonl drops the rows of the steps that are redone
+        (architecture.md §5). The caller holds the run lock."""
+        root = self.ckpt_root
+        ckpt.clean(root)
+        bad, found = [], None
+        for path, why in ckpt.scan(root):
+            if why is None:
+                try:
+                    found = path, self._read(path)
+                    break
+                except ckpt.CorruptCheckpoint as e:
+                    why = str(e)
+            bad.append((path, why))
+        step = self._apply(*found) if found else 0
+        for path, why in bad:
+            aside = ckpt.move_aside(path)
+            ckpt.warn_bad(path, why, f"moved aside to {aside.name}; resuming from "
+                                     f"{found[0].name if found else 'the start'}")
+        ckpt.point(root, found[0].name if found else None)
+        truncate_log(self.metrics_path, step)
+        return step
+
+    def _read(self, path: Path) -> dict[str, Any]:
+        """What the trainer restores from checkpoint `path`, read (and so checked) before any of it is applied."""
+        saved = ckpt.read_meta(path)
         try:  # configs stored by older versions are upgraded before the comparison (config.upgrade)
             saved_model = to_dict(from_dict(upgrade(saved.get("config", {}))))["model"]
         except ConfigError as e:
-            raise ckpt.CheckpointError(f"{last} holds a config this framecast cannot read ({e})") from None
+            raise ckpt.CheckpointError(f"{path} holds a config this framecast cannot read ({e})") from None
         if saved_model != to_dict(self.cfg)["model"]:
-            raise ckpt.CheckpointError(f"{last} was trained with a different model config; use another run name "
+            raise ckpt.CheckpointError(f"{path} was trained with a different model config; use another run name "
                                        f"(name=...) instead of resuming it")
+        stems = [*self.roles, *(f"ema_{n}" for n in self.ema), *(f"obj_{n}" for n in self.extra)]
+        return {"weights": {s: ckpt.load_state_dict(path, s) for s in stems}, "state": ckpt.load_state(path)}
+
+    def _apply(self, path: Path, saved: dict[str, Any]) -> int:
+        w, state = saved["weights"], saved["state"]
         for n, m in self.roles.items():
-            ckpt.load_weights(m, last, n)
+            ckpt.fit_weights(m, w[n], path / f"{n}.safetensors")
         for n, e in self.ema.items():
-            e.load_state_dict(ckpt.load_state_dict(last, f"ema_{n}"))
+            e.load_state_dict(w[f"ema_{n}"])
         for n, m in self.extra.items():
-            ckpt.load_weights(m, last, f"obj_{n}")
-        state = ckpt.load_state(last)
+            ckpt.fit_weights(m, w[f"obj_{n}"], path / f"obj_{n}.safetensors")
         for n, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][n])
         older = sorted(self.ema) if int(state["step"]) > self.cfg.train.ema_start else []  # checkpoints before
         self.ema_live = set(state.get("ema_live", older))  # `ema_live` was saved: their EMA was already running
+        self.window = {k: list(v) for k, v in state.get("log_window", {}).items()}
+        self.last_good = path
         return int(state["step"])
 
     def _log(self, row: dict[str, Any]) -> None:  # read back with read_log
@@ -169,11 +219,9 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=start, disable=not t.progress, desc=f"{self.cfg.stage}",
                    dynamic_ncols=True, leave=True)
         t0 = time.perf_counter()
-        window: dict[str, list[float]] = {}  # values since the last log row: rows hold means, so a loss that
-        # only some steps return (DMD's generator every `critic_ratio` steps) is never dropped from the log
         for step in range(start, t.steps):
             sums = self._step(step, step_generator(t.seed, step))
-            if self._after_step(step, sums, first=step == start, window=window, bar=bar, t0=t0):
+            if self._after_step(step, sums, first=step == 0, bar=bar, t0=t0):
                 last_saved = step + 1
         bar.close()
         self.state.step = t.steps
@@ -208,7 +256,7 @@ class Trainer:
                 raise KeyError(f"objective returned losses {sorted(unknown)} with no trainable role")
             for name, (loss, logs) in losses.items():
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss {name!r} is {loss.item()} at step {step}")
+                    raise self._diverged(f"loss {name!r} is {loss.item()}", step + 1)
                 (loss / t.grad_accum).backward()
                 for k, v in logs.items():
                     sums[f"{name}/{k}"] = sums.get(f"{name}/{k}", 0.0) + v / t.grad_accum
@@ -220,6 +268,8 @@ class Trainer:
         t = self.cfg.train
         params = [p for p in self.roles[name].parameters() if p.requires_grad]
         gn = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else None
+        if gn is not None and not torch.isfinite(gn):  # the clipped update would be NaN
+            raise self._diverged(f"the gradient norm of {name!r} is {float(gn)}", step + 1)
         self.optimizers[name].step()
         self.optimizers[name].zero_grad(set_to_none=True)
         if gn is not None:
@@ -232,11 +282,10 @@ class Trainer:
                 self.ema_live.add(name)
         self.objective.after_update(name)
 
-    def _after_step(self, step: int, sums: dict[str, float], *, first: bool, window: dict[str, list[float]],
-                    bar, t0: float) -> bool:
-        """Progress bar, log row (the means of `window`, which it then empties), samples and checkpoint after
-        `step`; `first`: the first step of this process. Returns whether a checkpoint was saved."""
-        t = self.cfg.train
+    def _after_step(self, step: int, sums: dict[str, float], *, first: bool, bar, t0: float) -> bool:
+        """Progress bar, log row (the means of `self.window`, which it then empties), samples and checkpoint after
+        `step`; `first`: the run's first step. Returns whether a checkpoint was saved."""
+        t, window = self.cfg.train, self.window
         done = step + 1
         bar.update(1)
         main = next((v for k, v in sums.items() if k.endswith("/loss")), None)
@@ -279,3 +328,21 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     if path.is_dir():
         path = path / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the rows of steps after `step` (redone after a resume) and a torn last line, atomically."""
+    if not path.is_file():
+        return
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            keep.append(line)
+    if keep != lines or not text.endswith("\n") and text:  # an unterminated last row would merge with the next
+        ckpt.atomic_write_text(path, "".join(f"{line}\n" for line in keep))
