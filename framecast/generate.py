@@ -165,10 +165,13 @@ def load(path: str | Path, *, base: str | Path | None = None, use_ema: bool | No
     Wan2.1 folder (diffusers or original layout) or an official Causal Forcing / Self Forcing / CausVid `model.pt`
     on a `base` Wan folder (models/wan.py). EMA weights by default when the checkpoint kept them; `info` says
     what was read (format, which weights, the sampling preset)."""
-    fmt = wan.detect(path)
-    if fmt != "framecast":
+    try:  # a framecast checkpoint: the newest complete one (train/checkpoint.py scans; the pointer is a hint)
+        src = ckpt.resolve(path)
+    except CheckpointError:
+        fmt = wan.detect(path)  # a Wan folder or release; anything else is one error naming what it found
+        if fmt == "framecast":
+            raise
         return _load_wan(path, fmt, base=base, use_ema=use_ema, device=device, preset=preset)
-    src = ckpt.resolve(path)
     meta = read_meta(src)
     cfg, spec = stored_config(src, meta), stored_spec(src, meta)
     if base is not None:  # a converted Wan checkpoint whose VAE and text encoder now live elsewhere

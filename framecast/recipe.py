@@ -140,7 +140,7 @@ def changed_keys(saved: C.RunConfig, cfg: C.RunConfig) -> list[str]:
 def stored_run(cfg: C.RunConfig) -> tuple[Path, int, list[str]] | None:
     """(newest checkpoint, its step, `changed_keys` against `cfg`) of `cfg`'s run folder; None for a new run."""
     root = cfg.run_dir / "ckpt"
-    last = ckpt.latest(root) if (root / "latest").is_file() else None
+    last = ckpt.latest(root) if root.is_dir() else None  # scans step_*: the pointer is only a hint
     if last is None:
         return None
     meta = ckpt.read_meta(last)

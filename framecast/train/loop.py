@@ -134,7 +134,7 @@ class Trainer:
     def _diverged(self, what: str, step: int) -> TrainingDiverged:
         good = self.last_good or "none (no checkpoint was saved yet)"
         return TrainingDiverged(f"training diverged: {what} at step {step}; the last good checkpoint is {good}, "
-                                f"left untouched (resume from it with a lower train.lr or a train.grad_clip, or "
+                                f"left untouched (resume from it with a lower train.lr or a train.grad_clip and --allow-config-change, or "
                                 f"use another name=)")
 
     def resume(self) -> int:
