@@ -58,21 +58,6 @@ def make_sample_fn(cfg: C.RunConfig, spec: SamplingSpec, source, codec):
     return sample_fn
 
 
-def check_train(cfg: C.RunConfig) -> None:
-    """The train.* values no run can use, refused before anything is built or written (architecture.md §5).
-
-    The Trainer checks the same; checking here too lets train_stage refuse them before it takes the lock."""
-    t = cfg.train
-    if t.grad_accum < 1 or t.batch_size < 1 or t.steps < 0:
-        raise C.ConfigError(f"train.batch_size, train.grad_accum must be >= 1 and train.steps >= 0, got "
-                            f"{t.batch_size}, {t.grad_accum}, {t.steps}")
-    if t.amp not in ("none", "bf16"):
-        raise C.ConfigError(f"unknown train.amp {t.amp!r}; choose none or bf16")
-    negative = [k for k in ("warmup", "ckpt_every", "sample_every") if getattr(t, k) < 0]
-    if negative:
-        raise C.ConfigError(f"train.{negative[0]} must be >= 0, got {getattr(t, negative[0])}")
-
-
 def train_stage(cfg: C.RunConfig, *, allow_change: bool = False) -> Path:
     """Train one stage, or continue its run; returns its newest checkpoint directory.
 
@@ -82,8 +67,9 @@ def train_stage(cfg: C.RunConfig, *, allow_change: bool = False) -> Path:
     and only then is anything written, config.yaml last before training (architecture.md §5).
     """
     st = S.get(cfg.stage)
-    cfg = S.normalise(cfg)  # validates the stage and its mode before any work
-    check_train(cfg)
+    # validates the stage, its mode and, rebuilt through the schema, every value rule (also for a config changed
+    # after loading) before any work
+    cfg = S.normalise(cfg)
     torch.manual_seed(cfg.train.seed)  # parameter init
     model = build_denoiser(cfg.model, cfg.train.device)
     if cfg.init:
@@ -159,9 +145,10 @@ def _keys(diff: list[str]) -> str:
     return ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
 
 
-def finished(cfg: C.RunConfig) -> Path | None:
-    """The final checkpoint of a finished run with these settings; an error if it was made otherwise."""
-    found = stored_run(cfg)
+def finished(cfg: C.RunConfig, found: tuple[Path, int, list[str]] | None = None) -> Path | None:
+    """The final checkpoint of a finished run with these settings; an error if it was made otherwise.
+    `found`: `stored_run(cfg)` when the caller has already read it."""
+    found = stored_run(cfg) if found is None else found
     if found is None or found[1] != cfg.train.steps:
         return None  # new or unfinished: train_stage checks what it resumes (check_resume)
     last, _, diff = found
@@ -176,11 +163,9 @@ def check_resume(cfg: C.RunConfig, *, allow_change: bool = False) -> None:
 
     `allow_change`: continue an unfinished run under changed settings on purpose (a lower train.lr, say);
     its model and stage kind can never change, and a finished run has nothing left to continue."""
-    if finished(cfg) is not None:
-        return  # finished with these settings: the trainer has nothing to do
-    found = stored_run(cfg)
-    if found is None:
-        return
+    found = stored_run(cfg)  # the run folder is read once
+    if found is None or finished(cfg, found) is not None:
+        return  # a new run, or finished with these settings: the trainer has nothing to do
     last, step, diff = found
     fixed = [k for k in diff if k.startswith(FIXED_KEYS)]
     if fixed:

@@ -39,6 +39,20 @@ FIELD_RULES = {"block_size": POSITIVE, "num_frames": POSITIVE, "latent_shape": P
                "first_block_steps": POSITIVE, "text_tokens": POSITIVE}  # checked when a stored spec is read
 
 
+def few_step_fields(denoising_steps, first_block_steps=(), shift: float = 5.0,
+                    num_train_timesteps: int = 1000) -> dict[str, Any]:
+    """The few-step fields of a SamplingSpec from warped step lists (method.md §2, §7.6): exact sigmas, the
+    first block's own (None: the same), the lists themselves and the step count. Stages and release presets
+    both build their specs through it."""
+    first = tuple(first_block_steps)
+    return dict(sampler="few_step", steps=len(denoising_steps), denoising_steps=tuple(denoising_steps),
+                first_block_steps=first,
+                sigmas=tuple(flow.few_step_sigmas(denoising_steps, shift, num_train_timesteps=num_train_timesteps)
+                              .tolist()),
+                first_sigmas=tuple(flow.few_step_sigmas(first, shift, num_train_timesteps=num_train_timesteps)
+                                   .tolist()) if first else None)
+
+
 @dataclass(frozen=True)
 class Schedule:
     sampler: str  # a key of sampling.SAMPLERS

@@ -31,7 +31,7 @@ from .generate import codec_for, load
 from .models.conditioning import build_text_encoder
 from .models.denoiser import Denoiser
 from .objectives import Objective
-from .spec import SamplingSpec
+from .spec import SamplingSpec, few_step_fields
 from .train import checkpoint as ckpt
 from .train.loop import OptimSpec
 
@@ -134,17 +134,14 @@ def sampling_spec(cfg: C.RunConfig) -> SamplingSpec:
     causal = mode != "bidirectional"
     codec = codec_for(cfg)
     pixel = (codec.pixel_channels, cfg.data.height, cfg.data.width)
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = {"sampler": "euler", "steps": cfg.sample.steps}
     if st.few_step:
-        sig, first = few_step_schedule(cfg)
-        kw = dict(sigmas=tuple(sig.tolist()), first_sigmas=None if first is None else tuple(first.tolist()),
-                  denoising_steps=tuple(cfg.few_step.denoising_steps),
-                  first_block_steps=tuple(cfg.few_step.first_block_steps))
+        kw = few_step_fields(cfg.few_step.denoising_steps, cfg.few_step.first_block_steps, cfg.flow.shift,
+                             cfg.flow.num_train_timesteps)
     return SamplingSpec(
         mode=mode, block_size=cfg.objective.block_size if causal else None,
         num_frames=codec.latent_frames(cfg.data.num_frames), latent_shape=codec.latent_shape(pixel),
-        pixel_shape=pixel, codec=codec.name, sampler="few_step" if st.few_step else "euler",
-        steps=len(cfg.few_step.denoising_steps) if st.few_step else cfg.sample.steps, shift=cfg.flow.shift,
+        pixel_shape=pixel, codec=codec.name, shift=cfg.flow.shift,
         guidance=1.0 if st.few_step else cfg.sample.guidance,  # distilled generators sample without CFG
         window=cfg.objective.window if causal else 0, sink=cfg.objective.sink if causal else 0,
         text_encoder=cfg.data.text_encoder, text_tokens=cfg.data.text_tokens, **kw)

@@ -26,10 +26,9 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from safetensors.torch import load_file
 
 from .. import config as C
-from .. import flow
 from ..errors import CheckpointError, ConfigError
 from ..schema import read_json
-from ..spec import SamplingSpec
+from ..spec import SamplingSpec, few_step_fields
 from .transformer import CausalWanTransformer, build_transformer
 
 StateDict = dict[str, torch.Tensor]
@@ -288,11 +287,8 @@ def preset_spec(name: str, *, latent_shape, pixel_shape, num_frames: int, codec:
               text_encoder=text_encoder, text_tokens=text_tokens, shift=shift, guidance=p.get("guidance", 1.0), **extra)
     if p["block_size"] is None:
         return SamplingSpec(mode="bidirectional", block_size=None, sampler="euler", steps=p["steps"], **kw)
-    steps, first = p["denoising_steps"], p.get("first_block_steps", ())
-    return SamplingSpec(mode="teacher_forcing", block_size=p["block_size"], sampler="few_step", steps=len(steps),
-                        window=window, sink=sink, sigmas=tuple(flow.few_step_sigmas(steps, shift).tolist()),
-                        first_sigmas=tuple(flow.few_step_sigmas(first, shift).tolist()) if first else None,
-                        denoising_steps=steps, first_block_steps=first, **kw)
+    return SamplingSpec(mode="teacher_forcing", block_size=p["block_size"], window=window, sink=sink,
+                        **few_step_fields(p["denoising_steps"], p.get("first_block_steps", ()), shift), **kw)
 
 
 def components(path: str | Path, *, located: tuple[str, Path] | None = None) -> dict[str, str | None]:
