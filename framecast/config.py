@@ -11,13 +11,13 @@ it. The resolved config is written into every run and checkpoint (architecture.m
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .config_upgrade import MOVED, refuse_moved, upgrade  # noqa: F401  (re-exported)
 from .errors import ConfigError
 from .schema import (DECAY, DEVICE_NAME, FINITE, FINITE_NON_NEGATIVE, FINITE_POSITIVE, NON_NEGATIVE, POSITIVE,
                      PROBABILITY, SEED, STEP_LIST, STEP_LIST_OR_EMPTY, device_problem, folder_problem, one_of,
@@ -85,8 +85,9 @@ class FlowConfig:
 
 @dataclass
 class DataConfig:
-    name: str = one_of("shapes", "vectors", "episodes")  # episodes: recorded by `framecast record`
-    path: str = ""  # episodes only: the recording's folder
+    # episodes: recorded by `framecast record`; store: a video/prompt store written by `framecast prepare`
+    name: str = one_of("shapes", "vectors", "episodes", "store")
+    path: str = ""  # episodes and store: the folder
     num_frames: int = POSITIVE(8)
     height: int = POSITIVE(32)
     width: int = POSITIVE(32)
@@ -161,19 +162,6 @@ class DMDConfig:
     context_sigma: float = PROBABILITY(0.0)  # noise of the committed context in self-rollout (0: clean, method.md §12.8)
 
 
-# `distill:` held every method's knobs until split by method: recipes get a "moved to" error, checkpoints `upgrade`
-MOVED = {
-    "denoising_steps": ["few_step.denoising_steps"], "first_block_steps": ["few_step.first_block_steps"],
-    "grid_steps": ["ode.grid_steps", "cd.grid_steps"], "teacher": ["ode.teacher", "cd.teacher"],
-    "guidance": ["ode.guidance", "cd.guidance"], "ode_teacher": ["ode.teacher_kind"],
-    "num_pairs": ["ode.num_pairs"], "shard_size": ["ode.shard_size"], "pairs_dir": ["ode.pairs_dir"],
-    "pair_mode": ["ode.pair_mode"], "target_decay": ["cd.target_decay"], "real": ["dmd.real"],
-    "critic": ["dmd.critic"], "real_guidance": ["dmd.real_guidance"], "critic_ratio": ["dmd.critic_ratio"],
-    "critic_lr": ["dmd.critic_lr"], "critic_betas": ["dmd.critic_betas"], "dmd_sigma_min": ["dmd.sigma_min"],
-    "dmd_sigma_max": ["dmd.sigma_max"], "context_sigma": ["dmd.context_sigma"],
-}
-
-
 @dataclass
 class TrainConfig:
     steps: int = POSITIVE(100)
@@ -194,6 +182,17 @@ class TrainConfig:
     amp: str = one_of("none", "bf16")  # none | bf16 (autocast; fp32 master weights)
     progress: bool = True
     threads: int = NON_NEGATIVE(0)  # torch intra-op threads; 0 keeps torch's default
+
+
+@dataclass
+class DistConfig:
+    """Many processes under torchrun (docs/scaling.md): FSDP2 over an explicit device mesh. Ignored in one process.
+
+    train.batch_size is per rank and micro-batch; the global batch is batch_size x grad_accum x world size."""
+
+    mixed_precision: str = one_of("none", "bf16")  # bf16: bf16 parameters in compute, fp32 reduce, fp32 master
+    reshard_after_forward: bool = True  # free gathered parameters after each block's forward (ZeRO-3)
+    shard_group: int = NON_NEGATIVE(0)  # 0: shard over all ranks; N: shard within groups of N, replicate across
 
 
 @dataclass
@@ -223,6 +222,7 @@ class RunConfig:
     cd: CDConfig = field(default_factory=CDConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     @property
@@ -251,35 +251,10 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _refuse_moved(data: dict[str, Any]) -> None:
-    """One clear error for a `distill:` section: say where each of its keys lives now."""
-    old = data.get("distill")
-    if old is None:
-        return
-    keys = sorted(old) if isinstance(old, dict) else []
-    where = "; ".join(f"distill.{k} -> {' / '.join(MOVED[k])}" for k in keys if k in MOVED)
-    raise ConfigError("config section 'distill' was split by method into few_step:, ode:, cd: and dmd:"
-                      + (f" ({where})" if where else "") + "; move the keys there")
-
-
 def from_dict(data: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
     """Merge plain data over `base` (default: all defaults) and validate every key, type and value rule."""
-    _refuse_moved(data)
+    refuse_moved(data)
     return _build(RunConfig, _merge(to_dict(base or RunConfig()), data), "")
-
-
-def upgrade(data: dict[str, Any]) -> dict[str, Any]:
-    """A config as an older framecast stored it (in a checkpoint or a run folder), in today's layout: `distill:`
-    is split into its method sections and model keys added since keep their defaults, so old runs still load,
-    resume and sample. What users write is never upgraded: `from_dict` refuses it."""
-    data = copy.deepcopy(data)
-    old = data.pop("distill", None)
-    if isinstance(old, dict):
-        for key, value in old.items():
-            for dotted in MOVED.get(key, []):
-                section, name = dotted.split(".")
-                data.setdefault(section, {})[name] = value
-    return data
 
 
 def _check_run(cfg: RunConfig) -> None:

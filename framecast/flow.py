@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from . import rng
+
 Tensor = torch.Tensor
 
 
@@ -125,7 +127,7 @@ def sample_block_sigmas(batch: int, num_frames: int, block_size: int, s: float, 
     A trailing partial block (F not a multiple of K) gets its own draw.
     """
     num_blocks = 1 if shared else math.ceil(num_frames / block_size)
-    k = torch.randint(0, num_train_timesteps, (batch, num_blocks), generator=generator)
+    k = rng.randint(0, num_train_timesteps, (batch, num_blocks), generator)
     sig = train_grid(s, num_train_timesteps).to(torch.float32)[k]  # [B, nb]
     if shared:
         return sig.expand(batch, num_frames).contiguous()

@@ -20,6 +20,7 @@ names and every stage's `@<stage>` references are checked before any stage train
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from . import config as C
 from . import stages as S
@@ -37,6 +39,7 @@ from .media import grid, plot_metrics, write_video
 from .schema import differing_keys
 from .spec import SamplingSpec
 from .train import checkpoint as ckpt
+from .train import distributed
 from .train.lock import run_lock
 from .train.loop import Trainer
 
@@ -44,13 +47,18 @@ METHOD_SECTIONS = ("few_step", "ode", "cd", "dmd")  # read only by the stages th
 RUNTIME_KEYS = ("threads", "progress")  # how a run was executed, not what it trained
 
 
-def make_sample_fn(cfg: C.RunConfig, spec: SamplingSpec, source, codec):
-    """Periodic training samples (gif + mp4) of the run's sample prompts, decoded through the run's codec."""
+def make_sample_fn(cfg: C.RunConfig, spec: SamplingSpec, source, codec, *, write: bool = True):
+    """Periodic training samples (gif + mp4) of the run's sample prompts, decoded through the run's codec.
+    Under torchrun every rank runs the sharded networks and only rank 0 (`write`) decodes and writes."""
     prompts = cfg.sample.prompts
 
     def sample_fn(step: int, roles: dict[str, torch.nn.Module], out_dir: Path) -> None:
         cond, null = source.encode_prompts(prompts)
         latents = sample(roles["model"], spec, cond, null, num_frames=cfg.sample.num_frames, seed=cfg.sample.seed)
+        if not write:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)  # the latents too: what a checkpoint's sampling is compared with
+        save_file({"latents": latents.float().cpu().contiguous()}, str(out_dir / f"step_{step:07d}.safetensors"))
         g = grid(codec.decode(latents))
         write_video(g, out_dir / f"step_{step:07d}.gif", fps=cfg.sample.fps)
         write_video(g, out_dir / f"step_{step:07d}.mp4", fps=cfg.sample.fps)
@@ -70,8 +78,9 @@ def train_stage(cfg: C.RunConfig, *, allow_change: bool = False) -> Path:
     # validates the stage, its mode and, rebuilt through the schema, every value rule (also for a config changed
     # after loading) before any work
     cfg = S.normalise(cfg)
+    dist = distributed.init(cfg.train.device, shard_group=cfg.dist.shard_group)  # one process unless torchrun
     torch.manual_seed(cfg.train.seed)  # parameter init
-    model = build_denoiser(cfg.model, cfg.train.device)
+    model = build_denoiser(cfg.model, dist.device if dist.active else cfg.train.device)
     if cfg.init:
         init_from(model, cfg.init)
     elif st.needs_init:
@@ -79,18 +88,25 @@ def train_stage(cfg: C.RunConfig, *, allow_change: bool = False) -> Path:
     source = S.build_data(cfg)
     roles = S.load_roles(cfg)  # read only; loaded where the original order drew them (the global RNG)
     run_dir = cfg.run_dir
-    with run_lock(run_dir):
+    with run_lock(run_dir) if dist.main else contextlib.nullcontext():  # rank 0 owns the run folder
         check_resume(cfg, allow_change=allow_change)
         plan = st.build(cfg, model, source, roles)
+        distributed.shard_plan(plan.objective, dist, mixed_precision=cfg.dist.mixed_precision,
+                               reshard_after_forward=cfg.dist.reshard_after_forward)
         spec = S.sampling_spec(cfg)
         meta = {"stage": cfg.stage, "sampling": spec.to_json()}
         # vector videos are not images: no sample videos (their metrics come from the analytic teachers)
-        sample_fn = make_sample_fn(cfg, spec, source, S.codec_for(cfg)) if cfg.data.name == "shapes" else None
+        sample_fn = make_sample_fn(cfg, spec, source, S.codec_for(cfg), write=dist.main) \
+            if cfg.data.name == "shapes" else None
         trainer = Trainer(cfg, plan.objective, plan.source, run_dir=run_dir, meta=meta, sample_fn=sample_fn,
-                          optim=plan.optim)
-        C.dump(cfg, run_dir / "config.yaml")  # the lock is held and the config passed every check
+                          optim=plan.optim, dist=dist)
+        if dist.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            C.dump(cfg, run_dir / "config.yaml")  # the lock is held and the config passed every check
         trainer.fit()
-        plot_metrics(trainer.metrics_path, run_dir / "loss.png", keys=("loss",))
+        if dist.main:
+            plot_metrics(trainer.metrics_path, run_dir / "loss.png", keys=("loss",))
+    dist.barrier()
     return ckpt.resolve(run_dir)
 
 

@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 
 from . import flow
+from . import rng
 from .models.conditioning import Cond
 from .models.denoiser import Guidance
 from .models.kv_cache import KVCache
@@ -137,7 +138,7 @@ def rollout(
         if e < F or commit_last:
             ctx = (x0 if teacher_context is None else teacher_context[:, s:e]).detach()
             if context_sigma > 0:  # self-rollout re-noising (method.md §12.8)
-                eps = torch.randn(ctx.shape, generator=generator).to(ctx)
+                eps = rng.randn(ctx.shape, generator).to(ctx)
                 ctx = flow.add_noise(ctx, eps, torch.full(ctx.shape[:2], context_sigma, device=ctx.device))
             denoiser.commit(ctx, block_cond, cache, positions=pos, sigma=context_sigma, guidance=block_guidance)
         yield Block(b, offset + s, x0)

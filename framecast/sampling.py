@@ -18,6 +18,7 @@ from typing import Callable, Protocol
 import torch
 
 from . import flow
+from . import rng
 from .models.conditioning import Cond
 from .models.denoiser import Guidance
 from .models.kv_cache import KVCache
@@ -72,7 +73,7 @@ def few_step(denoiser, x: Tensor, sigmas: Tensor, cond: Cond, *, cache: KVCache 
         if callback is not None:
             callback(j, x0)
         if j < last:
-            eps = torch.randn(x.shape, generator=generator, device="cpu").to(x)
+            eps = rng.randn(x.shape, generator).to(x)  # per sample under training (rng.py)
             x = flow.add_noise(x0, eps, _sig(sigmas[j + 1], x))
     return x0
 

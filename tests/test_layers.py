@@ -16,6 +16,7 @@ PKG = Path(__file__).resolve().parents[1] / "framecast"
 LAYERS = [
     ["errors"],
     ["schema"],
+    ["config_upgrade", "rng"],
     ["config", "flow"],
     ["spec"],
     ["models"],
@@ -27,7 +28,7 @@ LAYERS = [
     ["objectives", "eval", "stream"],
     ["play", "stages"],
     ["recipe"],
-    ["quickstart", "bench"],
+    ["quickstart", "bench", "plan"],
     ["cli"],
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}

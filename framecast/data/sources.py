@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import rng
 from ..config import DataConfig
 from ..errors import ConfigError
 from ..models.codecs import Codec, uint8_to_pixels
@@ -33,7 +34,7 @@ class ShapesSource(_Prompted):
         self.text_encoder, self.codec = text_encoder, codec
 
     def batch(self, batch_size: int, generator: torch.Generator) -> Batch:
-        idx = torch.randint(0, len(self.dataset), (batch_size,), generator=generator).tolist()
+        idx = rng.randint(0, len(self.dataset), (batch_size,), generator).tolist()
         video, captions = collate([self.dataset[i] for i in idx])  # [B, F, 3, H, W]
         cond, null = self.encode_prompts(captions)
         return Batch(self.codec.encode(video), cond, null, captions)
@@ -63,8 +64,8 @@ class EpisodeSource(_Prompted):
 
     def batch(self, batch_size: int, generator: torch.Generator) -> Batch:
         E, T = self.actions.shape
-        ep = torch.randint(0, E, (batch_size,), generator=generator)
-        start = torch.randint(0, T - self.num_frames + 1, (batch_size,), generator=generator)
+        ep = rng.randint(0, E, (batch_size,), generator)
+        start = rng.randint(0, T - self.num_frames + 1, (batch_size,), generator)
         idx = start[:, None] + torch.arange(self.num_frames)  # [B, F]
         video = uint8_to_pixels(self.frames[ep[:, None], idx])  # [B, F, 3, H, W] in [-1, 1]
         actions = self.actions[ep[:, None], idx]  # [B, F]

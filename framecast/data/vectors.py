@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import rng
 from ..models.attention import AttentionPlan
 from ..models.conditioning import Cond
 from ..models.kv_cache import CommittedFrames
@@ -87,8 +88,8 @@ class VectorMixture:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(x [n, F, D, 1, 1] float32, k [n] long)."""
-        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)  # [n]
-        xi = torch.randn(n, self.num_frames, self.dim, generator=generator, dtype=f64)  # [n, F, D]
+        k = rng.multinomial(self.weights, n, generator)  # [n]
+        xi = rng.randn((n, self.num_frames, self.dim), generator, dtype=f64)  # [n, F, D]
         return (self.means[k] + self.std * xi).float()[..., None, None], k
 
     def log_prob(self, x0: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
 
 from ..errors import ConfigError
 from ..config import ModelConfig
@@ -120,16 +120,17 @@ class CausalWanTransformer(WanTransformer3DModel):
 
     def _blocks(self, h: Tensor, text: LazyText, mod: Tensor, rope: Tensor, mask, cache: KVCache | None,
                 commit: bool, T: int) -> Tensor:
-        """All blocks, each under gradient checkpointing when enabled (training, no cache)."""
+        """All blocks, each under gradient checkpointing when enabled (training, no cache). Each block is called
+        as a module, so FSDP2's per-block hooks gather its weights just in time (train/distributed.py)."""
         checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing and cache is None
         if checkpointing:
             text.get()  # embed outside the checkpoints, or block 0's recomputation would save fewer tensors
         for i, block in enumerate(self.blocks):
-            args = (i, block, h, text, mod, rope, mask, cache, commit, T)
+            args = (h, text, mod, rope, mask, cache, commit, T, i, self.attention_backend)
             if checkpointing:
-                h = torch.utils.checkpoint.checkpoint(self._block, *args, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
-                h = self._block(*args)
+                h = block(*args)
         return h
 
     def _head(self, h: Tensor, temb: Tensor, grid: TokenGrid) -> Tensor:
@@ -140,9 +141,19 @@ class CausalWanTransformer(WanTransformer3DModel):
         h = h[:, h.shape[1] - grid.F:]  # under teacher forcing only the noisy half is predicted (method.md §3.3)
         return unpatchify(self.proj_out(h), grid, self.config.out_channels)  # from [B, F, T, ph*pw*Cout]
 
-    def _block(self, i: int, block, h: Tensor, text: LazyText, mod: Tensor, rope, mask, cache: KVCache | None,
-               commit: bool, T: int) -> Tensor:
-        """One WanTransformerBlock with per-frame modulation, a plan mask and a KV cache."""
+
+class CausalWanBlock(WanTransformerBlock):
+    """A diffusers `WanTransformerBlock` (same weights and keys) whose forward takes per-frame modulation, a plan
+    mask and a KV cache. `build_transformer` gives every block this class, so blocks run as module calls."""
+
+    def forward(self, h: Tensor, text: LazyText, mod: Tensor, rope, mask=None,  # type: ignore[override]
+                cache: KVCache | None = None, commit: bool = False, T: int = 0, i: int = 0,
+                backend: str = "sdpa") -> Tensor:
+        """Block `i` with per-frame modulation, a plan mask and a KV cache: h [B, Fs*T, D] -> [B, Fs*T, D].
+        Called with the stock arguments (hidden states, encoder states, temb, rotary), it is diffusers' block."""
+        if not isinstance(text, LazyText):  # the stock forward (kept as the oracle of tests/test_transformer.py)
+            return super().forward(h, text, mod, rope)
+        block = self
         B, L, D = h.shape
         Fs = L // T
         m = (block.scale_shift_table[:, None] + mod.float()).unsqueeze(3)  # [B, Fs, 6, 1, D]
@@ -152,7 +163,7 @@ class CausalWanTransformer(WanTransformer3DModel):
             return t.view(B, Fs, T, D)
 
         n = (frames(block.norm1(h.float())) * (1 + scale_msa) + shift_msa).view(B, L, D).type_as(h)
-        a = self._self_attention(i, block.attn1, n, rope, mask, cache, commit)
+        a = self._self_attention(i, block.attn1, n, rope, mask, cache, commit, backend)
         h = (frames(h.float()) + frames(a) * gate_msa).view(B, L, D).type_as(h)
 
         n = block.norm2(h.float()).type_as(h)
@@ -160,9 +171,12 @@ class CausalWanTransformer(WanTransformer3DModel):
 
         n = (frames(block.norm3(h.float())) * (1 + c_scale) + c_shift).view(B, L, D).type_as(h)
         f = block.ffn(n)
-        return (frames(h.float()) + frames(f.float()) * c_gate).view(B, L, D).type_as(h)
+        # h + gated ffn, added in [B, L, D]: a fresh tensor, not a view (FSDP2 hooks the block's output)
+        return (h.float() + (frames(f.float()) * c_gate).view(B, L, D)).type_as(h)
 
-    def _self_attention(self, i: int, attn, n: Tensor, rope, mask, cache: KVCache | None, commit: bool) -> Tensor:
+    @staticmethod
+    def _self_attention(i: int, attn, n: Tensor, rope, mask, cache: KVCache | None, commit: bool,
+                        backend: str) -> Tensor:
         heads = attn.heads
         if getattr(attn, "fused_projections", False):  # after `fuse_qkv_projections()`: one matmul, not three
             q, k, v = attn.to_qkv(n).chunk(3, dim=-1)
@@ -173,10 +187,11 @@ class CausalWanTransformer(WanTransformer3DModel):
         v = v.unflatten(2, (heads, -1))
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         k, v = cached_self_attention_kv(i, k, v, cache, commit)  # [B, Lc + L, H, Dh] (method.md §3.4)
-        out = attend(q, k, v, mask, self.attention_backend)
+        out = attend(q, k, v, mask, backend)
         return attn.to_out[1](attn.to_out[0](out.flatten(2).type_as(q)))
 
-    def _cross_attention(self, i: int, attn, n: Tensor, text: LazyText, cache: KVCache | None) -> Tensor:
+    @staticmethod
+    def _cross_attention(i: int, attn, n: Tensor, text: LazyText, cache: KVCache | None) -> Tensor:
         if attn.add_k_proj is not None:
             raise NotImplementedError("image cross-attention (Wan I2V-14B add_k_proj) is not supported")
         heads = attn.heads
@@ -194,6 +209,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         return attn.to_out[1](attn.to_out[0](out.flatten(2).type_as(q)))
 
 
+
 def build_transformer(cfg: ModelConfig, *, device: str | torch.device = "cpu") -> CausalWanTransformer:
     """Instantiate from a config preset. `device="meta"` builds the Wan-scale models without memory."""
     if cfg.attention_backend not in ("sdpa", "flex"):
@@ -207,6 +223,8 @@ def build_transformer(cfg: ModelConfig, *, device: str | torch.device = "cpu") -
             rope_max_seq_len=cfg.rope_max_seq_len,
         )
     net.attention_backend = cfg.attention_backend
+    for block in net.blocks:  # the same module with our forward (its state dict keys are unchanged)
+        block.__class__ = CausalWanBlock
     if cfg.gradient_checkpointing:
         net.gradient_checkpointing = True
     return net

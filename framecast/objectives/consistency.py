@@ -23,6 +23,7 @@ import copy
 import torch
 from torch import nn
 
+from .. import rng
 from ..errors import ConfigError
 from .. import flow
 from ..data.batch import Batch
@@ -62,6 +63,9 @@ class CausalCD(Objective):
     def state_modules(self) -> dict[str, nn.Module]:
         return {"target": self.target}
 
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher}
+
     @torch.no_grad()
     def after_update(self, name: str) -> None:
         """theta^- <- d theta^- + (1 - d) theta, after each student step (method.md §6)."""
@@ -81,8 +85,8 @@ class CausalCD(Objective):
 
     def losses(self, batch: Batch, step: int, generator: torch.Generator) -> Losses:
         x_gt = batch.video  # [B, F, C, H, W]
-        n = torch.randint(0, self.steps - 1, (x_gt.shape[0],), generator=generator).to(x_gt.device)  # [B]
-        eps = torch.randn(x_gt.shape, generator=generator).to(x_gt)
+        n = rng.randint(0, self.steps - 1, (x_gt.shape[0],), generator).to(x_gt.device)  # [B]
+        eps = rng.randn(x_gt.shape, generator).to(x_gt)
         x_n = flow.add_noise(x_gt, eps, self._sig(n, x_gt))
         x_next = self.teacher_step(x_n, n, batch)
         with torch.no_grad():

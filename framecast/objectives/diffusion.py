@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import rng
 from ..errors import ConfigError
 from .. import flow
 from ..config import FlowConfig, ObjectiveConfig
@@ -40,7 +41,7 @@ def drop_text(cond: Cond, null: Cond, p: float, generator: torch.Generator) -> C
     one with probability p, so the model also learns the unconditional velocity (CFG training)."""
     if p <= 0:
         return cond
-    drop = torch.rand(cond.batch, generator=generator) < p  # [B]
+    drop = rng.rand((cond.batch,), generator) < p  # [B]
     text = torch.where(drop[:, None, None].to(cond.text.device), null.text, cond.text)
     actions = cond.actions
     if actions is not None and null.actions is not None:
@@ -64,7 +65,7 @@ class FlowMatching(Objective):
         sigma = flow.sample_block_sigmas(
             B, F, self.obj.block_size, self.flow.shift, num_train_timesteps=self.flow.num_train_timesteps,
             generator=generator, shared=self.obj.mode == "bidirectional").to(x0.device)  # [B, F]
-        eps = torch.randn(x0.shape, generator=generator).to(x0)
+        eps = rng.randn(x0.shape, generator).to(x0)
         xt = flow.add_noise(x0, eps, sigma)
         cond = drop_text(batch.cond, batch.null, self.obj.text_dropout, generator)
         clean = x0 if self.obj.mode == "teacher_forcing" else None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import rng
 from ..errors import ConfigError
 from .. import flow
 from ..data.batch import Batch
@@ -55,30 +56,34 @@ class AsymmetricDMD(Objective):
         self.sigma_min, self.sigma_max, self.T = sigma_min, sigma_max, num_train_timesteps
         self.roles = {"model": model, "critic": critic}
 
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        return {"real": self.real}
+
     def exit_steps(self, generator: torch.Generator) -> tuple[int, int | None]:
         """One exit index for every block, and its own for the first block's schedule (method.md §12.12)."""
-        e = int(torch.randint(0, len(self.sigmas), (1,), generator=generator))
+        g = rng.shared(generator)  # batch-wide: the same on every rank and micro-batch (rng.py)
+        e = int(torch.randint(0, len(self.sigmas), (1,), generator=g))
         e0 = None
         if self.first_sigmas is not None:
-            e0 = int(torch.randint(0, len(self.first_sigmas), (1,), generator=generator))
+            e0 = int(torch.randint(0, len(self.first_sigmas), (1,), generator=g))
         return e, e0
 
     def self_rollout(self, batch: Batch, generator: torch.Generator) -> Tensor:
         """x~ [B, F, C, H, W]: the generator's own video, stopped at a random exit step (method.md §7.2)."""
         e, e0 = self.exit_steps(generator)
-        noise = torch.randn(batch.video.shape, generator=generator).to(batch.video)
+        noise = rng.randn(batch.video.shape, generator).to(batch.video)
         return generate(self.model, noise, batch.cond, sampler=few_step, sigmas=self.sigmas,
                         first_sigmas=self.first_sigmas, block_size=self.block_size,
                         self_rollout=SelfRollout(e, e0, self.context_sigma), generator=generator)
 
     def dmd_sigma(self, batch_size: int, generator: torch.Generator) -> Tensor:
         """[B] one level per video: shift(U{0..T-1} / T) clamped to [min, max] (method.md §7.3, §12.11)."""
-        u = torch.randint(0, self.T, (batch_size,), generator=generator).double() / self.T
+        u = rng.randint(0, self.T, (batch_size,), generator).double() / self.T
         return flow.shift(u, self.shift).clamp(self.sigma_min, self.sigma_max).float()
 
     def _noised(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         s = self.dmd_sigma(x.shape[0], generator).to(x.device)[:, None].expand(x.shape[:2])  # [B, F]
-        eps = torch.randn(x.shape, generator=generator).to(x)
+        eps = rng.randn(x.shape, generator).to(x)
         return flow.add_noise(x, eps, s), s, eps
 
     def generator_loss(self, x: Tensor, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict]:

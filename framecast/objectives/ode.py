@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .. import rng
 from ..errors import ConfigError
 from .. import flow
 from ..data.batch import Batch
@@ -117,10 +118,10 @@ class ODERegression(Objective):
         if A != len(self.anchors):
             raise ValueError(f"pair store has {A} anchors, the objective expects {len(self.anchors)}")
         if self.kind == "causal":  # one anchor per video, shared by all frames (method.md §5.2)
-            j = torch.randint(0, A, (B, 1), generator=generator).expand(B, F)  # [B, F]
+            j = rng.randint(0, A, (B, 1), generator).expand(B, F)  # [B, F]
         else:  # independent anchor per block (SF, method.md §11); frames of a block share it (method.md §12.23)
             nb = -(-F // self.block_size)
-            j = torch.randint(0, A, (B, nb), generator=generator).repeat_interleave(self.block_size, 1)[:, :F]
+            j = rng.randint(0, A, (B, nb), generator).repeat_interleave(self.block_size, 1)[:, :F]
         j = j.to(states.device)
         x_in = states.gather(1, j[:, None, :, None, None, None].expand(B, 1, F, *states.shape[3:]))[:, 0]
         return x_in, self.anchors.to(states.device)[j]

@@ -32,6 +32,7 @@ time (default: the first) it reaches <point> of a save:
     after_rename    step_N in place and its parent fsynced; `latest` still names the previous checkpoint
     during_pointer  the new pointer written and fsynced as `.latest.tmp`, not yet renamed over `latest`
     after_pointer   `latest` replaced and its folder fsynced: the save is complete
+    step            the start of a training step (train/loop.py): a kill between checkpoints
 """
 
 from __future__ import annotations
@@ -53,20 +54,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
+from . import dcp_read
+from .dcp_read import CorruptCheckpoint  # noqa: F401  (re-exported)
 
 META = "meta.json"
 STATE = "trainer_state.pt"
 POINTER = "latest"
 FAULT_ENV = "FRAMECAST_FAULT"
+FAULT_RANK_ENV = "FRAMECAST_FAULT_RANK"
 FAULT_POINTS = ("after_weights", "after_state", "after_meta", "before_rename", "after_rename", "during_pointer",
-                "after_pointer")
+                "after_pointer")  # the points of a save
+STEP_FAULT = "step"  # the start of a training step
 _STEP = re.compile(r"step_(\d+)")
 _reached: dict[str, int] = {}  # fault point -> times reached in this process
 _warned: set[str] = set()  # folders already warned about
-
-
-class CorruptCheckpoint(CheckpointError):
-    """A checkpoint file that is present but cannot be parsed (truncated, damaged)."""
 
 
 def _fault(point: str) -> None:
@@ -75,8 +76,8 @@ def _fault(point: str) -> None:
     if not spec:
         return
     name, _, nth = spec.partition(":")
-    if name != point:
-        return
+    if name != point or os.environ.get(FAULT_RANK_ENV, os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        return  # FRAMECAST_FAULT_RANK=r: only rank r of a torchrun job is killed
     _reached[point] = _reached.get(point, 0) + 1
     if _reached[point] == int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -299,7 +300,15 @@ def read_meta(ckpt: str | Path) -> dict[str, Any]:
         raise CorruptCheckpoint(f"checkpoint file {path} is corrupt or truncated ({e.__class__.__name__})") from None
 
 
+def is_dcp(ckpt: str | Path) -> bool:
+    """Whether a checkpoint was written by many processes (torch.distributed.checkpoint, train/dcp.py)."""
+    return read_meta(ckpt).get("format") == dcp_read.FORMAT
+
+
 def load_state_dict(ckpt: str | Path, stem: str) -> dict[str, torch.Tensor]:
+    """The full weights `stem` of a checkpoint, from safetensors or (a run of many processes) DCP shards."""
+    if is_dcp(ckpt):
+        return dcp_read.read(ckpt, stem)
     path = Path(ckpt) / f"{stem}.safetensors"
     if not path.is_file():
         have = sorted(p.stem for p in Path(ckpt).glob("*.safetensors"))

@@ -3,13 +3,17 @@
 It knows roles (trainable networks by loss name), optimisers, EMA, clipping, accumulation, logging,
 samples and checkpoints; it does not know which method it trains. Per step:
 
-    g = Generator(seed, step)                              # all randomness of the step, so resume is exact
-    for micro-batch: losses = objective.losses(source.batch(B, g), step, g); (loss / accum).backward()
+    for micro-batch m:  g = draws(step, m)     # a generator per global sample + the step's shared one (rng.py)
+        losses = objective.losses(source.batch(B, g), step, g); (loss / accum).backward()
+    logs = mean over ranks                      # under torchrun (train/distributed.py); FSDP averages gradients
     for each name returned: clip, optimiser step, EMA update, objective.after_update(name)
 
+All randomness is keyed by (seed, step, sample), so resume is exact and W ranks x batch B draw what one process
+with grad_accum W (or batch W*B) draws.
+
 A step that returns only some names (DMD's critic-only steps) steps only those optimisers. The objective
-subclasses `Objective` (train/objective.py) and the trainer calls its hooks directly; their defaults do nothing, so a method overrides only those it needs and
-no method detail lives in the loop:
+subclasses `Objective` (train/objective.py) and the trainer calls its hooks directly; their defaults do
+nothing, so a method overrides only those it needs and no method detail lives in the loop:
 
     roles            one optimiser per role, keyed by the loss name
     ema_role_names() which roles keep an EMA (`ema_roles`; default all; DMD: the generator only)
@@ -30,16 +34,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..config import ConfigError, RunConfig, from_dict, to_dict, upgrade
-from ..errors import UserError
+from ..config import ConfigError, RunConfig
+from ..rng import Draws
 from . import checkpoint as ckpt
+from .distributed import SINGLE, Dist, full_value, gradient_sync
 from .ema import EMA
 from .lock import RunLockedError, run_lock  # noqa: F401  (re-exported)
 from .objective import Objective
-
-
-class TrainingDiverged(UserError, FloatingPointError):
-    """A loss, gradient norm or weight became NaN/inf; names it, the step and the last good checkpoint (kept)."""
+from .metrics import read_log, truncate_log  # noqa: F401  (re-exported)
+from .resume import Checkpointing, TrainingDiverged  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -58,18 +61,19 @@ class TrainState:
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of step (or shard, or item) `step` of a run seeded `seed`: all its randomness, so a resumed
     run draws exactly what the uninterrupted one would have."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)  # Trainer.draws seeds its shared stream alike
 
 
-class Trainer:
+class Trainer(Checkpointing):
     def __init__(self, cfg: RunConfig, objective, source, *, run_dir: str | Path, meta: dict[str, Any],
                  sample_fn: Callable[[int, dict[str, nn.Module], Path], None] | None = None,
-                 optim: dict[str, OptimSpec] | None = None) -> None:
-        """`objective`: an `Objective` (train/objective.py); the loop calls only its losses and hooks."""
+                 optim: dict[str, OptimSpec] | None = None, dist: Dist = SINGLE) -> None:
+        """`objective`: an `Objective` (train/objective.py); the loop calls only its losses and hooks. `dist`:
+        this process's rank under torchrun (train/distributed.py), with every network already sharded."""
         if not isinstance(objective, Objective):
             raise TypeError(f"the trainer needs an Objective subclass (framecast.train.objective), got "
                             f"{type(objective).__name__}")
-        self.cfg, self.objective, self.source = cfg, objective, source
+        self.cfg, self.objective, self.source, self.dist = cfg, objective, source, dist
         self.run_dir = Path(run_dir)
         self.meta = meta
         self.sample_fn = sample_fn
@@ -115,86 +119,10 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = self.base_lr[n] * scale
 
-    def save(self, step: int) -> Path:
-        weights = {n: m.state_dict() for n, m in self.roles.items()}
-        weights.update({f"ema_{n}": e.state_dict() for n, e in self.ema.items()})
-        weights.update({f"obj_{n}": m.state_dict() for n, m in self.extra.items()})
-        for stem, sd in weights.items():  # a diverged run never replaces the last good checkpoint
-            if not all(bool(torch.isfinite(v).all()) for v in sd.values() if v.is_floating_point()):
-                raise self._diverged(f"the weights {stem!r} are not finite", step)
-        meta = {**self.meta, "config": to_dict(self.cfg), "roles": sorted(self.roles),
-                "ema": sorted(self.ema)}
-        state = {"step": step, "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-                 "ema_live": sorted(self.ema_live), "log_window": {k: list(v) for k, v in self.window.items()}}
-        if self.metrics_path.is_file():  # the rows up to `step` are as durable as its checkpoint
-            ckpt.fsync_file(self.metrics_path)
-        self.last_good = ckpt.save(self.ckpt_root, step, weights=weights, meta=meta, state=state)
-        return self.last_good
-
-    def _diverged(self, what: str, step: int) -> TrainingDiverged:
-        good = self.last_good or "none (no checkpoint was saved yet)"
-        return TrainingDiverged(f"training diverged: {what} at step {step}; the last good checkpoint is {good}, "
-                                f"left untouched (resume from it with a lower train.lr or a train.grad_clip and --allow-config-change, or "
-                                f"use another name=)")
-
-    def resume(self) -> int:
-        """Continue from the newest intact checkpoint of this run, if any; returns the step to start at.
-
-        What interrupted saves left is removed first; newer checkpoints that are incomplete or do not load
-        are moved aside with a warning (their steps are trained and saved again); the `latest` pointer is set
-        to the checkpoint resumed from and metrics.jsonl drops the rows of the steps that are redone
-        (architecture.md §5). The caller holds the run lock."""
-        root = self.ckpt_root
-        ckpt.clean(root)
-        bad, found = [], None
-        for path, why in ckpt.scan(root):
-            if why is None:
-                try:
-                    found = path, self._read(path)
-                    break
-                except ckpt.CorruptCheckpoint as e:
-                    why = str(e)
-            bad.append((path, why))
-        step = self._apply(*found) if found else 0
-        for path, why in bad:
-            aside = ckpt.move_aside(path)
-            ckpt.warn_bad(path, why, f"moved aside to {aside.name}; resuming from "
-                                     f"{found[0].name if found else 'the start'}")
-        ckpt.point(root, found[0].name if found else None)
-        truncate_log(self.metrics_path, step)
-        return step
-
-    def _read(self, path: Path) -> dict[str, Any]:
-        """What the trainer restores from checkpoint `path`, read (and so checked) before any of it is applied."""
-        saved = ckpt.read_meta(path)
-        try:  # configs stored by older versions are upgraded before the comparison (config.upgrade)
-            saved_model = to_dict(from_dict(upgrade(saved.get("config", {}))))["model"]
-        except ConfigError as e:
-            raise ckpt.CheckpointError(f"{path} holds a config this framecast cannot read ({e})") from None
-        if saved_model != to_dict(self.cfg)["model"]:
-            raise ckpt.CheckpointError(f"{path} was trained with a different model config; use another run name "
-                                       f"(name=...) instead of resuming it")
-        stems = [*self.roles, *(f"ema_{n}" for n in self.ema), *(f"obj_{n}" for n in self.extra)]
-        return {"weights": {s: ckpt.load_state_dict(path, s) for s in stems}, "state": ckpt.load_state(path)}
-
-    def _apply(self, path: Path, saved: dict[str, Any]) -> int:
-        w, state = saved["weights"], saved["state"]
-        for n, m in self.roles.items():
-            ckpt.fit_weights(m, w[n], path / f"{n}.safetensors")
-        for n, e in self.ema.items():
-            e.load_state_dict(w[f"ema_{n}"])
-        for n, m in self.extra.items():
-            ckpt.fit_weights(m, w[f"obj_{n}"], path / f"obj_{n}.safetensors")
-        for n, o in self.optimizers.items():
-            o.load_state_dict(state["optimizers"][n])
-        older = sorted(self.ema) if int(state["step"]) > self.cfg.train.ema_start else []  # checkpoints before
-        self.ema_live = set(state.get("ema_live", older))  # `ema_live` was saved: their EMA was already running
-        self.window = {k: list(v) for k, v in state.get("log_window", {}).items()}
-        self.last_good = path
-        return int(state["step"])
-
     def _log(self, row: dict[str, Any]) -> None:  # read back with read_log
         self.state.history.append(row)
+        if not self.dist.main:  # every rank holds the same (reduced) rows; rank 0 writes them
+            return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -202,8 +130,10 @@ class Trainer:
 
     def fit(self) -> TrainState:
         """Train to `train.steps`, resuming from the newest checkpoint. The caller holds the run's lock
-        (train/lock.py: recipe.train_stage takes it before anything in the run folder is written)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (train/lock.py: recipe.train_stage takes it, on rank 0, before anything in the run folder is written)."""
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.dist.barrier()
         return self._fit()
 
     def _fit(self) -> TrainState:
@@ -216,11 +146,12 @@ class Trainer:
         last_saved = start if start > 0 else -1
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=t.steps, initial=start, disable=not t.progress, desc=f"{self.cfg.stage}",
-                   dynamic_ncols=True, leave=True)
+        bar = tqdm(total=t.steps, initial=start, disable=not (t.progress and self.dist.main),
+                   desc=f"{self.cfg.stage}", dynamic_ncols=True, leave=True)
         t0 = time.perf_counter()
         for step in range(start, t.steps):
-            sums = self._step(step, step_generator(t.seed, step))
+            ckpt._fault(ckpt.STEP_FAULT)  # FRAMECAST_FAULT=step:<n>: a kill between checkpoints (tests)
+            sums = self._step(step)
             if self._after_step(step, sums, first=step == 0, bar=bar, t0=t0):
                 last_saved = step + 1
         bar.close()
@@ -231,24 +162,37 @@ class Trainer:
             self._sample(t.steps)
         return self.state
 
-    def _step(self, step: int, g: torch.Generator) -> dict[str, float]:
+    def _step(self, step: int) -> dict[str, float]:
         """One optimisation step: the micro-batches' gradients, then each returned role's update.
 
-        Returns the step's logs, `<role>/<key>` averaged over the micro-batches, plus `<role>/grad_norm`.
+        Returns the step's logs, `<role>/<key>` averaged over the micro-batches and ranks, plus `<role>/grad_norm`.
         """
         self._set_lr(step)
         sums: dict[str, float] = {}
-        names = self._accumulate(step, g, sums)
+        names = self._accumulate(step, sums)
+        sums = self.dist.mean(sums)
         for name in names:
             self._update(name, step, sums)
         return sums
 
-    def _accumulate(self, step: int, g: torch.Generator, sums: dict[str, float]) -> list[str]:
-        """Backward `train.grad_accum` micro-batches drawn from `g`; returns the loss names of the last one."""
+    def draws(self, step: int, micro: int) -> Draws:
+        """The randomness of micro-batch `micro` of this rank at `step`: one generator per global sample index and
+        the step's shared one, so the numbers do not depend on how the global batch is split (rng.py)."""
+        t, w = self.cfg.train, self.dist.world
+        return Draws.for_samples(t.seed, step, self.dist.sample_range(micro, t.grad_accum, t.batch_size),
+                                 global_batch=t.batch_size * t.grad_accum * w,
+                                 shared_seed=t.seed * 1_000_003 + step)  # = step_generator's seed
+
+    def _accumulate(self, step: int, sums: dict[str, float]) -> list[str]:
+        """Backward `train.grad_accum` micro-batches; returns the loss names of the last one. Under torchrun
+        each rank's gradients are reduce-scattered once, after its last micro-batch."""
         t = self.cfg.train
         names: list[str] = []
-        for _ in range(t.grad_accum):
-            batch = self.source.batch(t.batch_size, g).to(t.device)
+        for micro in range(t.grad_accum):
+            g = self.draws(step, micro)
+            if self.dist.active:
+                gradient_sync(self.roles.values(), micro == t.grad_accum - 1)
+            batch = self.source.batch(t.batch_size, g).to(self.dist.device if self.dist.active else t.device)
             with self._autocast():
                 losses = self.objective.losses(batch, step, g)
             unknown = set(losses) - set(self.optimizers)
@@ -268,6 +212,7 @@ class Trainer:
         t = self.cfg.train
         params = [p for p in self.roles[name].parameters() if p.requires_grad]
         gn = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else None
+        gn = None if gn is None else full_value(gn)  # sharded parameters: the norm is a DTensor
         if gn is not None and not torch.isfinite(gn):  # the clipped update would be NaN
             raise self._diverged(f"the gradient norm of {name!r} is {float(gn)}", step + 1)
         self.optimizers[name].step()
@@ -320,29 +265,3 @@ class Trainer:
                 if n in saved:
                     m.load_state_dict(saved[n])
                 m.train()
-
-
-def read_log(path: str | Path) -> list[dict[str, Any]]:
-    """The rows a Trainer logged: `path` is a run directory or its metrics.jsonl."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop the rows of steps after `step` (redone after a resume) and a torn last line, atomically."""
-    if not path.is_file():
-        return
-    text = path.read_text(errors="replace")
-    lines = text.splitlines()
-    keep = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
-            keep.append(line)
-    if keep != lines or not text.endswith("\n") and text:  # an unterminated last row would merge with the next
-        ckpt.atomic_write_text(path, "".join(f"{line}\n" for line in keep))

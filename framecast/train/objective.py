@@ -10,6 +10,7 @@ the trainer (train/loop.py) calls has a no-op default here, so a method override
     ema_roles        the roles that keep an EMA; None (the default) means all of them (ema_role_names())
     after_update(n)  called after each optimiser step of role n (CD: move the target network, method.md §6)
     state_modules()  extra networks saved in and restored from checkpoints (CD: that target)
+    frozen_modules() networks it only reads (teacher, real score): sharded under torchrun, never saved
 """
 
 from __future__ import annotations
@@ -47,4 +48,9 @@ class Objective(ABC):
 
     def state_modules(self) -> dict[str, nn.Module]:
         """Networks besides the roles that checkpoints save and restore (saved as `obj_<name>`); none by default."""
+        return {}
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Networks the objective only reads (a teacher, a real score); none by default. Under torchrun they are
+        sharded like the roles, without gradients or optimiser state (train/distributed.py)."""
         return {}

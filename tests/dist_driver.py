@@ -1,0 +1,102 @@
+"""Train Stage 1, causal CD and DMD on the tiny preset, in one process or under torchrun (tests/test_distributed.py).
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_driver.py OUT INPUTS --accum 1
+    python tests/dist_driver.py OUT INPUTS --accum 2          # the same global batch in one process
+
+INPUTS holds `stage0/` and `stage1/` checkpoints made once in one process (`make_inputs`), so every run of a
+stage starts from the same weights. Each rank writes `OUT/<stage>/rank<r>.json`: the bytes of its local shards
+of every network (checked against the planner) and its world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from framecast import config as C  # noqa: E402
+
+STAGES = ("stage1", "cd", "dmd")
+STEPS, CKPT_EVERY, BATCH = 10, 4, 2
+
+
+def base(out: Path, accum: int, batch: int = BATCH) -> list[str]:
+    return [f"out_dir={out.parent}", f"name={out.name}", f"train.steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}",
+            f"train.batch_size={batch}", f"train.grad_accum={accum}", "train.log_every=1", "train.progress=false",
+            "train.threads=1", "train.ema_decay=0.9", "sample.steps=2", "data.num_frames=4"]
+
+
+def stage_overrides(stage: str, inputs: Path) -> list[str]:
+    s0, s1 = inputs / "stage0", inputs / "stage1"
+    return {
+        "stage1": ["stage=stage1", f"init={s0}"],
+        "cd": ["stage=cd", f"init={s1}", f"cd.teacher={s1}", "cd.grid_steps=8", "few_step.denoising_steps=[1000,500]"],
+        "dmd": ["stage=dmd", f"init={s1}", f"dmd.real={s0}", f"dmd.critic={s0}", "dmd.critic_ratio=2",
+                "few_step.denoising_steps=[1000,500]", "dmd.critic_lr=1e-3"],
+    }[stage]
+
+
+def config(stage: str, out: Path, inputs: Path, accum: int, batch: int = BATCH) -> C.RunConfig:
+    return C.load(ROOT / "configs" / "tiny.yaml", [*base(out, accum, batch), *stage_overrides(stage, inputs)])
+
+
+def make_inputs(inputs: Path) -> None:
+    """The stage0 and stage1 checkpoints every run starts from (one process, 4 steps each)."""
+    from framecast.recipe import train_stage
+
+    common = [f"out_dir={inputs.parent}", f"name={inputs.name}", "train.steps=4", "train.progress=false",
+              "data.num_frames=4", "sample.steps=2"]
+    s0 = train_stage(C.load(ROOT / "configs" / "tiny.yaml", [*common, "stage=stage0"]))
+    s1 = train_stage(C.load(ROOT / "configs" / "tiny.yaml", [*common, "stage=stage1", f"init={s0}"]))
+    for name, ck in (("stage0", s0), ("stage1", s1)):
+        link = inputs / name
+        if not link.exists():
+            link.symlink_to(ck)
+
+
+def shard_bytes(objective) -> dict[str, int]:
+    """Bytes of this rank's local shards of every network the stage holds."""
+    from framecast.train.distributed import local
+
+    nets = {**objective.roles, **{f"obj_{k}": v for k, v in objective.state_modules().items()},
+            **{f"frozen_{k}": v for k, v in objective.frozen_modules().items()}}
+    return {n: sum(local(p).numel() * local(p).element_size() for p in m.parameters()) for n, m in nets.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("inputs", type=Path)
+    ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--stages", default=",".join(STAGES))
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    from framecast.recipe import train_stage
+    from framecast.train import distributed
+
+    report = {}
+    original = distributed.shard_plan
+
+    def recording(objective, dist, **kw):  # the stage's networks, once sharded
+        original(objective, dist, **kw)
+        report.update(world=dist.world, bytes=shard_bytes(objective))
+
+    distributed.shard_plan = recording
+    for stage in args.stages.split(","):
+        out = args.out / stage  # the run folder: out_dir / name / stage
+        ck = train_stage(config(stage, args.out, args.inputs, args.accum, args.batch))
+        rank = int(os.environ.get("RANK", 0))
+        (out / f"rank{rank}.json").write_text(json.dumps({**report, "checkpoint": str(ck)}))
+    distributed.close()
+
+
+if __name__ == "__main__":
+    main()
