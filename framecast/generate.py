@@ -77,6 +77,21 @@ def stored_spec(src: Path, meta: dict) -> SamplingSpec:
     return SamplingSpec.from_json(meta.get("sampling"), where=f"checkpoint file {src / ckpt.META}")
 
 
+def describe(path: str | Path) -> tuple[C.ModelConfig, str]:
+    """(model config, generator mode) of any loadable model, read from its metadata only (no weights): what a
+    stage needs to build a role on the meta device before each rank loads its shards (train/sharded_load.py)."""
+    try:
+        src = ckpt.resolve(path)
+    except CheckpointError:
+        fmt = wan.detect(path)
+        if fmt in ("framecast", "official"):  # an official release needs its Wan base: load it whole
+            raise CheckpointError(f"{path} ({fmt}) cannot be described without loading it; convert it first "
+                                  f"(framecast convert {path} --base <Wan folder> --out <dir>)") from None
+        return wan.model_config(path), "bidirectional"
+    meta = read_meta(src)
+    return stored_config(src, meta).model, stored_spec(src, meta).mode
+
+
 def init_from(denoiser: Denoiser, path: str | Path) -> Path:
     """Load the weights of another stage's checkpoint (its EMA if it kept one)."""
     src = ckpt.resolve(path)

@@ -41,10 +41,12 @@ from .spec import SamplingSpec
 from .train import checkpoint as ckpt
 from .train import distributed
 from .train.lock import run_lock
+from .train.sharded_load import materialise
 from .train.loop import Trainer
 
 METHOD_SECTIONS = ("few_step", "ode", "cd", "dmd")  # read only by the stages that name them
 RUNTIME_KEYS = ("threads", "progress")  # how a run was executed, not what it trained
+DIST_RUNTIME_KEYS = ("reshard_after_forward", "shard_group")  # how shards are laid out: the same numbers
 
 
 def make_sample_fn(cfg: C.RunConfig, spec: SamplingSpec, source, codec, *, write: bool = True):
@@ -80,19 +82,24 @@ def train_stage(cfg: C.RunConfig, *, allow_change: bool = False) -> Path:
     cfg = S.normalise(cfg)
     dist = distributed.init(cfg.train.device, shard_group=cfg.dist.shard_group)  # one process unless torchrun
     torch.manual_seed(cfg.train.seed)  # parameter init
-    model = build_denoiser(cfg.model, dist.device if dist.active else cfg.train.device)
-    if cfg.init:
+    lazy = dist.active  # torchrun: networks with weights to load start on the meta device (train/sharded_load.py)
+    model = build_denoiser(cfg.model, "meta" if lazy and cfg.init else dist.device if lazy else cfg.train.device)
+    if cfg.init and not lazy:
         init_from(model, cfg.init)
-    elif st.needs_init:
+    elif st.needs_init and not cfg.init:
         raise C.ConfigError(f"stage {cfg.stage!r} distills an existing model: set init= (a checkpoint path)")
     source = S.build_data(cfg)
-    roles = S.load_roles(cfg)  # read only; loaded where the original order drew them (the global RNG)
+    roles = S.load_roles(cfg, meta=lazy)  # read only; loaded where the original order drew them (the global RNG)
+    sources = {id(model): cfg.init} if lazy and cfg.init else {}
+    sources.update({id(roles[r.key.split(".")[1]]): S.role_path(cfg, r) for r in st.roles} if lazy else {})
     run_dir = cfg.run_dir
     with run_lock(run_dir) if dist.main else contextlib.nullcontext():  # rank 0 owns the run folder
         check_resume(cfg, allow_change=allow_change)
         plan = st.build(cfg, model, source, roles)
         distributed.shard_plan(plan.objective, dist, mixed_precision=cfg.dist.mixed_precision,
                                reshard_after_forward=cfg.dist.reshard_after_forward)
+        if lazy:
+            materialise(distributed.networks(plan.objective), sources, model, dist)
         spec = S.sampling_spec(cfg)
         meta = {"stage": cfg.stage, "sampling": spec.to_json()}
         # vector videos are not images: no sample videos (their metrics come from the analytic teachers)
@@ -118,20 +125,25 @@ LOCATION_KEYS = ("name", "out_dir", "tag")  # where the run folder is, not what 
 FIXED_KEYS = ("model.", "stage")  # a run resumed under another network or stage kind is refused even if allowed
 
 
-def identity(cfg: C.RunConfig) -> dict[str, Any]:
-    """What makes two runs of a stage the same run: its config without runtime keys and other methods' knobs."""
+def identity(cfg: C.RunConfig, world: int = 1) -> dict[str, Any]:
+    """What makes two runs of a stage the same run: its config without runtime keys and other methods' knobs.
+
+    The batch is the global one: batch_size x grad_accum x `world` (the ranks of a torchrun job) draws the same
+    numbers however it is split (rng.py), so a run resumes at another world size with the same global batch."""
     st = S.get(cfg.stage)
     d = C.to_dict(cfg)
     keep = {st.section} | ({"few_step"} if st.few_step else set())
     d = {k: v for k, v in d.items() if k not in METHOD_SECTIONS or k in keep}
-    d["train"] = {k: v for k, v in d["train"].items() if k not in RUNTIME_KEYS}
+    d["train"] = {k: v for k, v in d["train"].items() if k not in RUNTIME_KEYS + ("batch_size", "grad_accum")}
+    d["train"]["global_batch"] = cfg.train.batch_size * cfg.train.grad_accum * world
+    d["dist"] = {k: v for k, v in d["dist"].items() if k not in DIST_RUNTIME_KEYS}
     return d
 
 
-def changed_keys(saved: C.RunConfig, cfg: C.RunConfig) -> list[str]:
+def changed_keys(saved: C.RunConfig, cfg: C.RunConfig, saved_world: int = 1) -> list[str]:
     """The dotted keys whose settings differ between a run's stored config and `cfg`; train.steps (how far to
     train) and the folder's location are not settings of what was trained."""
-    a, b = identity(saved), identity(cfg)
+    a, b = identity(saved, saved_world), identity(cfg, distributed.world_size())
     for d in (a, b):
         for k in LOCATION_KEYS:
             d.pop(k, None)
@@ -154,7 +166,7 @@ def stored_run(cfg: C.RunConfig) -> tuple[Path, int, list[str]] | None:
     if step > cfg.train.steps:  # training on would write samples and logs of step train.steps from later weights
         raise CheckpointError(f"{cfg.run_dir} holds a run of {step} steps, more than train.steps="
                               f"{cfg.train.steps}; use another name= or move it away")
-    return last, step, changed_keys(saved, S.normalise(cfg))
+    return last, step, changed_keys(saved, S.normalise(cfg), int(meta.get("world_size", 1)))
 
 
 def _keys(diff: list[str]) -> str:

@@ -27,7 +27,7 @@ from . import flow
 from .data.sources import build_source
 from .errors import ConfigError
 from .eval.health import LossRule
-from .generate import codec_for, load
+from .generate import build_denoiser, codec_for, describe, load
 from .models.conditioning import build_text_encoder
 from .models.denoiser import Denoiser
 from .objectives import Objective
@@ -159,24 +159,28 @@ def role_path(cfg: C.RunConfig, role: Role) -> str:
     return getattr(getattr(cfg, section), name)
 
 
-def load_role(cfg: C.RunConfig, role: Role) -> Denoiser:
-    """The network of `role`, checked to be the kind of model and the shapes the stage needs."""
+def load_role(cfg: C.RunConfig, role: Role, *, meta: bool = False) -> Denoiser:
+    """The network of `role`, checked to be the kind of model and the shapes the stage needs. `meta`: built on
+    the meta device from the checkpoint's metadata, for each rank to load its shards (train/sharded_load.py)."""
     path, want = role_path(cfg, role), role.kind(cfg)
     if not path:
         raise ConfigError(f"stage {cfg.stage!r} needs {role.key} (a checkpoint path; in a recipe `@<stage>`)")
-    m = load(path, device=cfg.train.device)
-    ok = m.spec.mode == "bidirectional" if want == "bidirectional" else m.spec.mode in CAUSAL_MODES
+    if meta:
+        (tm, mode), m = describe(path), None
+    else:
+        m = load(path, device=cfg.train.device)
+        tm, mode = m.config.model, m.spec.mode
+    ok = mode == "bidirectional" if want == "bidirectional" else mode in CAUSAL_MODES
     if not ok:
-        raise ConfigError(f"{role.key}={path!r} is a {m.spec.mode!r} model; stage {cfg.stage!r} needs a {want} one")
-    tm = m.config.model
+        raise ConfigError(f"{role.key}={path!r} is a {mode!r} model; stage {cfg.stage!r} needs a {want} one")
     if tm.in_channels != cfg.model.in_channels or tm.text_dim != cfg.model.text_dim:
         raise ConfigError(f"{role.key}={path!r} has in_channels/text_dim {tm.in_channels}/{tm.text_dim}, the "
                           f"student {cfg.model.in_channels}/{cfg.model.text_dim}")
-    return m.denoiser
+    return build_denoiser(tm, "meta") if m is None else m.denoiser
 
 
-def load_roles(cfg: C.RunConfig) -> dict[str, Denoiser]:
-    return {r.key.split(".")[1]: load_role(cfg, r) for r in get(cfg.stage).roles}
+def load_roles(cfg: C.RunConfig, *, meta: bool = False) -> dict[str, Denoiser]:
+    return {r.key.split(".")[1]: load_role(cfg, r, meta=meta) for r in get(cfg.stage).roles}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,7 +227,10 @@ def _ode(cfg: C.RunConfig, model: Denoiser, source, roles) -> StagePlan:
     from .data.trajectories import PairSource
     from .objectives.ode import ODERegression
 
-    store = make_pairs(cfg, source, roles["teacher"])
+    teacher = roles["teacher"]
+    if any(p.is_meta for p in teacher.parameters()):  # torchrun: pairs are made by a whole, loaded teacher
+        teacher = load_role(cfg, ODE_TEACHER)
+    store = make_pairs(cfg, source, teacher)
     objective = ODERegression(model, anchors=ode_anchors(cfg), block_size=cfg.objective.block_size,
                               teacher_kind=cfg.ode.teacher_kind)
     return StagePlan(objective, PairSource(store))

@@ -68,6 +68,35 @@ def shard_bytes(objective) -> dict[str, int]:
     return {n: sum(local(p).numel() * local(p).element_size() for p in m.parameters()) for n, m in nets.items()}
 
 
+def check_load(folders: list[Path], out: Path) -> None:
+    """Each Wan/framecast folder loaded into a meta-built, sharded denoiser (each rank reading only its rows),
+    gathered back and compared on rank 0 with the whole load of one process; writes OUT/load_rank<r>.json."""
+    import torch
+
+    from framecast.generate import build_denoiser, describe, load
+    from framecast.models import wan
+    from framecast.train import distributed
+    from framecast.train.sharded_load import materialise
+
+    dist = distributed.init("cpu")
+    result = {}
+    for folder in folders:
+        mc, _ = describe(folder)
+        net = build_denoiser(mc, "meta")
+        distributed.shard(net, dist)
+        materialise([net], {id(net): str(folder)}, net, dist)
+        local = sum(distributed.local(p).numel() for p in net.parameters())
+        full = {k: distributed.full_value(v) for k, v in net.state_dict().items()}
+        if (folder / "meta.json").is_file():
+            want = load(folder).denoiser.state_dict()
+        else:  # a Wan folder: the transformer as one process loads it whole
+            want = {f"net.{k}": v for k, v in wan.load_transformer(folder)[0].state_dict().items()}
+        same = sorted(full) == sorted(want) and all(torch.equal(full[k], want[k].to(full[k].dtype)) for k in want)
+        result[folder.name] = {"local_params": local, "params": sum(v.numel() for v in want.values()), "same": same}
+    (out / f"load_rank{dist.rank}.json").write_text(json.dumps(result))
+    distributed.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
@@ -75,7 +104,11 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--check-load", nargs="*", type=Path, default=None, help="folders to load sharded (only)")
     args = ap.parse_args()
+    if args.check_load is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        return check_load(args.check_load, args.out)
     import torch
 
     torch.set_num_threads(1)

@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
-from safetensors.torch import load_file
 
 from .. import config as C
 from ..errors import CheckpointError, ConfigError
 from ..schema import read_json
 from ..spec import SamplingSpec, few_step_fields
 from .transformer import CausalWanTransformer, build_transformer
+from .weights import Lazy, materialise, of_tensor, open_safetensors
 
 StateDict = dict[str, torch.Tensor]
 WEIGHTS = "diffusion_pytorch_model"
@@ -234,29 +234,34 @@ def _assemble(mc: C.ModelConfig, sd: StateDict, where: str, device, dtype) -> Ca
     return net.eval()
 
 
-def load_transformer(path: str | Path, *, base: str | Path | None = None, use_ema: bool | None = None,
-                     device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32) -> tuple[CausalWanTransformer, dict[str, Any]]:
-    """A CausalWanTransformer from any format and what was read (format, path, key and keys, wrappers, params,
-    dtypes as stored, config, spec or preset). Anything partial, foreign or unsafe is one CheckpointError."""
+def transformer_weights(path: str | Path, *, base: str | Path | None = None, use_ema: bool | None = None
+                        ) -> tuple[C.ModelConfig, dict[str, Lazy], dict[str, Any]]:
+    """(config, the transformer's tensors by diffusers name, unread (models/weights.py), what was found): the
+    reading half of `load_transformer`, also used to load one FSDP shard per rank (train/distributed.py)."""
     fmt, loc, obj = _locate(path)
     if fmt == "official" and base is None:
         raise CheckpointError(f"official checkpoint {loc} holds no config: pass base= a Wan folder of its size")
     info: dict[str, Any] = {"format": fmt, "path": str(loc), "key": None, "keys": [], "spec": None, "preset": None}
     src = _select(fmt, loc, obj, use_ema, info)
-    sd = src if isinstance(src, dict) else {}
+    sd = {k: of_tensor(v, f"{loc}:{k}") for k, v in src.items()} if isinstance(src, dict) else {}
     for f in src if isinstance(src, list) else []:
-        try:
-            sd.update(load_file(str(f)))
-        except Exception as e:  # SafetensorError, OSError: a damaged or truncated file
-            raise CheckpointError(f"{fmt} checkpoint file {f} is corrupt or truncated ({str(e).splitlines()[0]})") \
-                from None
+        sd.update(open_safetensors(f, f"{fmt} checkpoint file"))
     info["wrappers"], sd = wrappers_in(sd), strip_wrappers(_own(fmt, sd))
     sd = original_to_diffusers(sd) if fmt in ("original", "official") else sd
     mc = model_config(base if fmt == "official" else loc)
     info.update(config=mc, params=sum(v.numel() for v in sd.values()),
                 dtypes=sorted({str(v.dtype).removeprefix("torch.") for v in sd.values()}))
-    return _assemble(mc, sd, f"{fmt} checkpoint {loc}", device, dtype), info
+    return mc, sd, info
+
+
+def load_transformer(path: str | Path, *, base: str | Path | None = None, use_ema: bool | None = None,
+                     device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32) -> tuple[CausalWanTransformer, dict[str, Any]]:
+    """A CausalWanTransformer from any format and what was read (format, path, key and keys, wrappers, params,
+    dtypes as stored, config, spec or preset). Anything partial, foreign or unsafe is one CheckpointError."""
+    mc, sd, info = transformer_weights(path, base=base, use_ema=use_ema)
+    where = f"{info['format']} checkpoint {info['path']}"
+    return _assemble(mc, materialise(sd), where, device, dtype), info
 
 
 FOUR = (1000, 750, 500, 250)

@@ -89,6 +89,11 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def world_size() -> int:
+    """The number of processes of this job (torchrun's WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ["WORLD_SIZE"]) if launched() else 1
+
+
 def init(device: str = "cpu", *, shard_group: int = 0) -> Dist:
     """Join torchrun's process group (once) and build the mesh; `SINGLE` when not launched by torchrun."""
     if not launched():
@@ -164,12 +169,14 @@ def shard_all(modules: Iterable[nn.Module], dist: Dist, **kw) -> None:
         shard(m, dist, **kw)
 
 
+def networks(objective) -> list[nn.Module]:
+    """Every network an objective holds: its roles, its extra state and its frozen networks."""
+    return [*objective.roles.values(), *objective.state_modules().values(), *objective.frozen_modules().values()]
+
+
 def shard_plan(objective, dist: Dist, **kw) -> None:
-    """Shard every network an objective holds: its roles, its extra state and its frozen networks."""
-    if not dist.active:
-        return
-    nets = [*objective.roles.values(), *objective.state_modules().values(), *objective.frozen_modules().values()]
-    shard_all(nets, dist, **kw)
+    if dist.active:
+        shard_all(networks(objective), dist, **kw)
 
 
 def gradient_sync(modules: Iterable[nn.Module], enabled: bool) -> None:
