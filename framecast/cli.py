@@ -1,4 +1,4 @@
-"""`framecast <verb>`: train, pairs, pipeline, quickstart, sample, inspect, convert, record, play, bench.
+"""`framecast <verb>`: train, pairs, pipeline, prepare, quickstart, sample, inspect, convert, record, play, bench.
 
     framecast pipeline --recipe configs/toy_framewise_2step.yaml      # stage0 -> 1 -> cd -> dmd, resumable
     framecast train --config configs/toy.yaml stage=cd init=runs/toy/stage1 cd.teacher=runs/toy/stage1
@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import cli_data
 from . import config as C
 from . import schema as S
 from .errors import UserError
@@ -45,6 +46,10 @@ def _pairs(args: argparse.Namespace) -> None:
 def _pipeline(args: argparse.Namespace) -> None:
     from .recipe import run_recipe, split_only
 
+    if args.plan:  # per-rank memory of every stage (plan/), nothing is built
+        from .plan import plan_main
+
+        return print(plan_main(args.recipe, args.overrides, args.gpus, args.gpu_memory, args.role))
     only, extra = split_only(args.only) if args.only else (None, [])  # `--only a b key=value`
     results = run_recipe(args.recipe, [*args.overrides, *extra], out_dir=args.out, only=only,
                          allow_change=args.allow_config_change)
@@ -152,14 +157,6 @@ def _quickstart(args: argparse.Namespace) -> None:
     run(RECIPE, args.overrides, out_dir=args.out)
 
 
-def _record(args: argparse.Namespace) -> None:
-    from .data.envs import record
-
-    path = record(args.env, args.out, episodes=args.episodes, frames=args.frames, seed=args.seed, tile=args.tile,
-                  size=args.size, shard_size=args.shard_size)
-    print(f"recorded {args.episodes} episodes x {args.frames} frames: {path.parent}")
-
-
 def _play(args: argparse.Namespace) -> None:
     from .play import serve
 
@@ -195,6 +192,11 @@ def _add_train(sub) -> None:
     r.add_argument("--only", nargs="+", default=None, help="train only these stages (others must be finished)")
     r.add_argument("--allow-config-change", action="store_true", help="resume stages under changed settings")
     r.add_argument("overrides", nargs="*", help="overrides applied to every stage, e.g. train.threads=2")
+    r.add_argument("--plan", action="store_true", help="print per-rank memory of every stage, build nothing")
+    r.add_argument("--gpus", type=POS, nargs="+", default=[1, 8, 64], help="--plan: GPU counts to plan for")
+    r.add_argument("--gpu-memory", type=S.arg_type(float, S.FINITE_POSITIVE), default=None, help="--plan: GiB per GPU")
+    r.add_argument("--role", action="append", default=[], metavar="KEY=PRESET",
+                   help="--plan: a role's model, e.g. dmd.real=wan2.1-14b (default: the stage's model)")
     r.set_defaults(fn=_pipeline)
     q = sub.add_parser("quickstart", help="the main job: the quickstart recipe on the toy, then a streamed sample + "
                        "report")
@@ -243,8 +245,8 @@ def _add_sample(sub) -> None:
                        "without loading weights")
     i.add_argument("path")
     i.set_defaults(fn=_inspect)
-    c = sub.add_parser("convert", help="write a Wan2.1 folder, an official .pt or a framecast run as a framecast "
-                       "checkpoint (safetensors)")
+    c = sub.add_parser("convert", help="write a Wan2.1 folder, an official .pt or a framecast run (also one of "
+                       "many processes: DCP) as one framecast checkpoint (safetensors)")
     c.add_argument("path")
     c.add_argument("--out", required=True, help="the new checkpoint's folder (must not exist)")
     c.add_argument("--base", default=None, help="the Wan2.1 folder a model.pt builds on")
@@ -252,22 +254,6 @@ def _add_sample(sub) -> None:
     c.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="official .pt: generator_ema (default when present) or generator")
     c.set_defaults(fn=_convert)
-
-
-def _add_record(sub) -> None:
-    from .data.envs import ENVS
-
-    w = sub.add_parser("record", help="record episodes (frames + actions) from an environment; resumable")
-    w.add_argument("env", choices=sorted(ENVS), help="the environment (data/envs.py)")
-    w.add_argument("--out", required=True, help="folder for the manifest and shards")
-    w.add_argument("--episodes", type=POS, default=512)
-    w.add_argument("--frames", type=POS, default=16, help="frames per episode (the first is the reset view)")
-    w.add_argument("--seed", type=SEED, default=0, help="episode e uses seed (seed, e): held-out data = another seed")
-    w.add_argument("--tile", type=POS, default=4, help="pixels per grid cell of the 7x7 egocentric view")
-    w.add_argument("--size", type=POS, default=None,
-                   help="frame size: MiniGrid views are padded to it (default 32), Breakout resized (default 64)")
-    w.add_argument("--shard-size", type=POS, default=64, help="episodes per shard")
-    w.set_defaults(fn=_record)
 
 
 def _add_play(sub) -> None:
@@ -324,7 +310,7 @@ class _Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="framecast", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="verb", required=True)
-    for add in (_add_train, _add_sample, _add_record, _add_play, _add_bench):
+    for add in (_add_train, _add_sample, cli_data.add_record, cli_data.add_prepare, _add_play, _add_bench):
         add(sub)
     return p
 

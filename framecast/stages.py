@@ -33,6 +33,7 @@ from .models.denoiser import Denoiser
 from .objectives import Objective
 from .spec import SamplingSpec, few_step_fields
 from .train import checkpoint as ckpt
+from .train import distributed
 from .train.loop import OptimSpec
 
 CAUSAL_MODES = ("teacher_forcing", "diffusion_forcing")
@@ -195,11 +196,12 @@ def _flow_matching(cfg: C.RunConfig, model: Denoiser, source, roles) -> StagePla
     return StagePlan(FlowMatching(model, cfg.flow, obj), source)
 
 
-def make_pairs(cfg: C.RunConfig, source=None, teacher: Denoiser | None = None):
+def make_pairs(cfg: C.RunConfig, source=None, teacher: Denoiser | None = None, *, write: bool = True):
     """Generate (or finish) the ODE-pair store of an `ode` stage and return it (method.md §5.1); resumable.
 
     The store folder is written under its own lock (train/lock.py, architecture.md §5): a second process
-    filling it at the same time is refused, naming the owner, before it writes anything."""
+    filling it at the same time is refused, naming the owner, before it writes anything. `write=False` opens
+    the store another process (rank 0 of a torchrun job) has just filled."""
     from .data.trajectories import PairStore
     from .objectives.ode import TEACHERS, write_pairs
     from .train.lock import run_lock
@@ -207,7 +209,7 @@ def make_pairs(cfg: C.RunConfig, source=None, teacher: Denoiser | None = None):
     o = cfg.ode
     if o.teacher_kind not in TEACHERS:
         raise ConfigError(f"ode.teacher_kind must be one of {TEACHERS}, got {o.teacher_kind!r}")
-    teacher = teacher if teacher is not None else load_role(cfg, ODE_TEACHER)
+    teacher = teacher if teacher is not None or not write else load_role(cfg, ODE_TEACHER)
     source = source or build_data(cfg)
     anchors = ode_anchors(cfg)
     manifest = {"teacher": str(ckpt.resolve(o.teacher)), "teacher_kind": o.teacher_kind,
@@ -215,6 +217,8 @@ def make_pairs(cfg: C.RunConfig, source=None, teacher: Denoiser | None = None):
                 "guidance": o.guidance, "block_size": cfg.objective.block_size, "num_pairs": o.num_pairs,
                 "shard_size": o.shard_size, "seed": cfg.train.seed, "data": C.to_dict(cfg.data)}
     root = o.pairs_dir or cfg.run_dir / "pairs"
+    if not write:
+        return PairStore(root, manifest)
     with run_lock(root, doing="filled with ODE pairs"):
         store = PairStore(root, manifest)
         write_pairs(store, teacher, source, block_size=cfg.objective.block_size, steps=o.grid_steps,
@@ -227,10 +231,12 @@ def _ode(cfg: C.RunConfig, model: Denoiser, source, roles) -> StagePlan:
     from .data.trajectories import PairSource
     from .objectives.ode import ODERegression
 
-    teacher = roles["teacher"]
-    if any(p.is_meta for p in teacher.parameters()):  # torchrun: pairs are made by a whole, loaded teacher
-        teacher = load_role(cfg, ODE_TEACHER)
-    store = make_pairs(cfg, source, teacher)
+    teacher, dist = roles["teacher"], distributed.init(cfg.train.device)
+    if dist.main and any(p.is_meta for p in teacher.parameters()):  # torchrun: rank 0 makes the pairs with a
+        teacher = load_role(cfg, ODE_TEACHER)  # whole, loaded teacher; the other ranks wait, then read the store
+    store = make_pairs(cfg, source, teacher, write=dist.main) if dist.main else None
+    dist.barrier()
+    store = store or make_pairs(cfg, source, write=False)
     objective = ODERegression(model, anchors=ode_anchors(cfg), block_size=cfg.objective.block_size,
                               teacher_kind=cfg.ode.teacher_kind)
     return StagePlan(objective, PairSource(store))

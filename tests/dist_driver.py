@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from framecast import config as C  # noqa: E402
 
-STAGES = ("stage1", "cd", "dmd")
+STAGES = ("stage1", "cd", "dmd")  # the acceptance stages; ALL adds Stage 0 from scratch and the causal ODE
+ALL = ("stage0", "stage1", "ode", "cd", "dmd")
 STEPS, CKPT_EVERY, BATCH = 10, 4, 2
 
 
@@ -34,7 +35,10 @@ def base(out: Path, accum: int, batch: int = BATCH) -> list[str]:
 def stage_overrides(stage: str, inputs: Path) -> list[str]:
     s0, s1 = inputs / "stage0", inputs / "stage1"
     return {
+        "stage0": ["stage=stage0"],
         "stage1": ["stage=stage1", f"init={s0}"],
+        "ode": ["stage=ode", f"init={s1}", f"ode.teacher={s1}", "ode.grid_steps=8", "ode.num_pairs=8",
+                "ode.shard_size=4", "few_step.denoising_steps=[1000,500]"],
         "cd": ["stage=cd", f"init={s1}", f"cd.teacher={s1}", "cd.grid_steps=8", "few_step.denoising_steps=[1000,500]"],
         "dmd": ["stage=dmd", f"init={s1}", f"dmd.real={s0}", f"dmd.critic={s0}", "dmd.critic_ratio=2",
                 "few_step.denoising_steps=[1000,500]", "dmd.critic_lr=1e-3"],
@@ -103,7 +107,7 @@ def main() -> None:
     ap.add_argument("inputs", type=Path)
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--batch", type=int, default=BATCH)
-    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--stages", default=",".join(ALL))
     ap.add_argument("--check-load", nargs="*", type=Path, default=None, help="folders to load sharded (only)")
     args = ap.parse_args()
     if args.check_load is not None:

@@ -65,14 +65,14 @@ def runs(tmp_path_factory):
     D.make_inputs(inputs)
     from framecast.recipe import train_stage
 
-    for stage in D.STAGES:
+    for stage in D.ALL:
         train_stage(D.config(stage, root / "one", inputs, accum=2))
     done = torchrun(root / "two", inputs)
     assert done.returncode == 0, done.stderr[-3000:]
     return root, inputs
 
 
-@pytest.mark.parametrize("stage", D.STAGES)
+@pytest.mark.parametrize("stage", D.ALL)
 def test_two_ranks_equal_one_process_with_the_same_global_batch(runs, stage):
     root, _ = runs
     worst = assert_rows_close(rows(root / "two" / stage), rows(root / "one" / stage), RTOL)
@@ -87,13 +87,14 @@ def test_each_rank_holds_half_of_every_network(runs):
     root, inputs = runs
     from framecast.generate import build_denoiser
 
-    for stage in D.STAGES:
+    for stage in D.ALL:
         r0, r1 = (json.loads((root / "two" / stage / f"rank{r}.json").read_text()) for r in (0, 1))
         assert r0["world"] == r1["world"] == 2
         model = build_denoiser(D.config(stage, root / "x", inputs, 1).model)
         want = [sum(torch.chunk(p, 2, dim=0)[r].numel() * p.element_size() if len(torch.chunk(p, 2, dim=0)) > r
                     else 0 for p in model.parameters()) for r in (0, 1)]
-        nets = {"stage1": ["model"], "cd": ["model", "obj_target", "frozen_teacher"],
+        nets = {"stage0": ["model"], "stage1": ["model"], "ode": ["model"],
+                "cd": ["model", "obj_target", "frozen_teacher"],
                 "dmd": ["model", "critic", "frozen_real"]}[stage]
         assert sorted(r0["bytes"]) == sorted(r1["bytes"]) == sorted(nets)
         for net in nets:  # every network of a tiny stage has the tiny architecture
@@ -107,10 +108,11 @@ def test_sigkill_of_one_rank_then_the_same_command_gives_the_same_losses(runs, t
     out = tmp_path / "killed"
     # launch 1 dies at stage1 step 7; launch 2 redoes 5..10 (6 steps), dies at cd step 7 (6 + 7 = 13); launch 3
     # redoes cd 5..10 and dies at dmd step 7; launch 4 finishes
+    three = ("--stages", ",".join(D.STAGES))
     for n in (7, 13, 13):
-        r = torchrun(out, inputs, env={"FRAMECAST_FAULT": f"step:{n}", "FRAMECAST_FAULT_RANK": "1"})
+        r = torchrun(out, inputs, *three, env={"FRAMECAST_FAULT": f"step:{n}", "FRAMECAST_FAULT_RANK": "1"})
         assert r.returncode != 0, "the killed job must fail"
-    r = torchrun(out, inputs)
+    r = torchrun(out, inputs, *three)
     assert r.returncode == 0, r.stderr[-3000:]
     for stage in D.STAGES:
         assert_rows_close(rows(out / stage), rows(root / "two" / stage), 1e-6)

@@ -29,6 +29,7 @@ LAYERS = [
     ["play", "stages"],
     ["recipe"],
     ["quickstart", "bench", "plan"],
+    ["cli_data"],
     ["cli"],
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}

@@ -88,4 +88,8 @@ def build_source(cfg: DataConfig, text_encoder: TextEncoder, codec: Codec, num_a
         return VectorSource(mixture, text_encoder.dim, cfg.text_tokens)
     if cfg.name == "episodes":
         return EpisodeSource(cfg, text_encoder, codec, num_actions)
-    raise ConfigError(f"unknown data source {cfg.name!r}; choose shapes, vectors or episodes")
+    if cfg.name == "store":  # written by `framecast prepare` (data/prepare.py): latents, prompts, captions
+        from .store import StoreSource
+
+        return StoreSource(cfg, text_encoder, codec)
+    raise ConfigError(f"unknown data source {cfg.name!r}; choose shapes, vectors, episodes or store")

@@ -94,10 +94,16 @@ def world_size() -> int:
     return int(os.environ["WORLD_SIZE"]) if launched() else 1
 
 
+_CURRENT: list[Dist] = []  # the job's Dist once `init` has built it (a process joins one job)
+
+
 def init(device: str = "cpu", *, shard_group: int = 0) -> Dist:
-    """Join torchrun's process group (once) and build the mesh; `SINGLE` when not launched by torchrun."""
+    """Join torchrun's process group and build the mesh, once per process (later calls return the same `Dist`);
+    `SINGLE` when not launched by torchrun."""
     if not launched():
         return SINGLE
+    if _CURRENT:
+        return _CURRENT[0]
     from torch.distributed.device_mesh import init_device_mesh
 
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
@@ -115,10 +121,12 @@ def init(device: str = "cpu", *, shard_group: int = 0) -> Dist:
         mesh = init_device_mesh(dev.type, (world // shard_group, shard_group), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("shard",))
-    return Dist(rank, world, local, dev, mesh, launched=True)
+    _CURRENT.append(Dist(rank, world, local, dev, mesh, launched=True))
+    return _CURRENT[0]
 
 
 def close() -> None:
+    _CURRENT.clear()
     if tdist.is_initialized():
         tdist.destroy_process_group()
 
