@@ -92,15 +92,6 @@ def describe(path: str | Path) -> tuple[C.ModelConfig, str]:
     return stored_config(src, meta).model, stored_spec(src, meta).mode
 
 
-def init_from(denoiser: Denoiser, path: str | Path) -> Path:
-    """Load the weights of another stage's checkpoint (its EMA if it kept one)."""
-    src = ckpt.resolve(path)
-    meta = read_meta(src)
-    stem = "ema_model" if "model" in meta.get("ema", []) else "model"
-    ckpt.load_weights(denoiser, src, stem)
-    return src
-
-
 @torch.no_grad()
 def sample(model: Denoiser, spec: SamplingSpec, cond: Cond, null: Cond, *, num_frames: int, seed: int = 0,
            steps: int | None = None, guidance: float | None = None, window: int | None = None,

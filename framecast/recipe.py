@@ -34,14 +34,14 @@ from . import config as C
 from . import stages as S
 from .errors import CheckpointError
 from .eval.health import Health, check_stage
-from .generate import build_denoiser, init_from, sample
+from .generate import build_denoiser, sample
 from .media import grid, plot_metrics, write_video
 from .schema import differing_keys
 from .spec import SamplingSpec
 from .train import checkpoint as ckpt
 from .train import distributed
 from .train.lock import run_lock
-from .train.sharded_load import materialise
+from .train.sharded_load import load_into, materialise
 from .train.loop import Trainer
 
 METHOD_SECTIONS = ("few_step", "ode", "cd", "dmd")  # read only by the stages that name them
@@ -85,7 +85,7 @@ def train_stage(cfg: C.RunConfig, *, allow_change: bool = False) -> Path:
     lazy = dist.active  # torchrun: networks with weights to load start on the meta device (train/sharded_load.py)
     model = build_denoiser(cfg.model, "meta" if lazy and cfg.init else dist.device if lazy else cfg.train.device)
     if cfg.init and not lazy:
-        init_from(model, cfg.init)
+        print(f"init: {load_into(model, cfg.init, dist)}", flush=True)  # framecast, DCP or Wan (its EMA if kept)
     elif st.needs_init and not cfg.init:
         raise C.ConfigError(f"stage {cfg.stage!r} distills an existing model: set init= (a checkpoint path)")
     source = S.build_data(cfg)
@@ -148,7 +148,13 @@ def changed_keys(saved: C.RunConfig, cfg: C.RunConfig, saved_world: int = 1) -> 
         for k in LOCATION_KEYS:
             d.pop(k, None)
         d["train"].pop("steps", None)
-    return differing_keys(a, b)
+    diff = differing_keys(a, b)
+    if "train.global_batch" in diff:  # name what the user changed: the per-rank batch, accumulation or world size
+        i = diff.index("train.global_batch")
+        diff[i:i + 1] = [f"train.{k}" for k in ("batch_size", "grad_accum")
+                         if getattr(saved.train, k) != getattr(cfg.train, k)] or \
+            [f"the world size ({saved_world} -> {distributed.world_size()} processes)"]
+    return diff
 
 
 def stored_run(cfg: C.RunConfig) -> tuple[Path, int, list[str]] | None:

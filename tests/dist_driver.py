@@ -24,12 +24,13 @@ from framecast import config as C  # noqa: E402
 STAGES = ("stage1", "cd", "dmd")  # the acceptance stages; ALL adds Stage 0 from scratch and the causal ODE
 ALL = ("stage0", "stage1", "ode", "cd", "dmd")
 STEPS, CKPT_EVERY, BATCH = 10, 4, 2
+EXTRA: list[str] = []  # `--set key=value ...`: more overrides for every stage
 
 
 def base(out: Path, accum: int, batch: int = BATCH) -> list[str]:
     return [f"out_dir={out.parent}", f"name={out.name}", f"train.steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}",
             f"train.batch_size={batch}", f"train.grad_accum={accum}", "train.log_every=1", "train.progress=false",
-            "train.threads=1", "train.ema_decay=0.9", "sample.steps=2", "data.num_frames=4"]
+            "train.threads=1", "train.ema_decay=0.9", *EXTRA, "sample.steps=2", "data.num_frames=4"]
 
 
 def stage_overrides(stage: str, inputs: Path) -> list[str]:
@@ -108,8 +109,10 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--stages", default=",".join(ALL))
+    ap.add_argument("--set", nargs="*", default=[], help="more overrides for every stage, e.g. dist.mixed_precision=bf16")
     ap.add_argument("--check-load", nargs="*", type=Path, default=None, help="folders to load sharded (only)")
     args = ap.parse_args()
+    EXTRA.extend(args.set)
     if args.check_load is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         return check_load(args.check_load, args.out)

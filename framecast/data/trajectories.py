@@ -4,14 +4,18 @@
     <pairs>/shard_00000.safetensors states [n, A, F, C, H, W], endpoint, clean [n, F, C, H, W],
                                    text, null [n, L, Dt]; captions in the header metadata
 
-Each shard is written under a temporary name and renamed when complete, so a killed generation leaves only
+Each shard is written under a temporary name, fsynced and renamed when complete, so a killed generation leaves only
 whole shards and a re-run continues with the first missing one. A store made with other settings is never
 mixed in or overwritten: opening it with a different manifest is an error that names the differing key
 (the reference's ODE and Self-Forcing stores differ in layout and must not be mixed, method.md §12.4).
+`PairSource` checks every shard's header once and then reads only the rows of each batch from the
+memory-mapped shards (data/shards.py), so a store larger than memory trains as well as a toy one.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
 import os
@@ -24,14 +28,17 @@ from safetensors.torch import save_file
 
 from ..errors import ConfigError, DataError
 from ..models.conditioning import Cond
+from ..rng import Draws, randint
 from ..schema import differing_keys, read_json
 from .batch import Batch
+from .shards import Shards, fsync_path
 
 Tensor = torch.Tensor
 MANIFEST = "manifest.json"
 TIMING = "timing.json"  # shard -> seconds it took to generate (objectives/ode.py writes it, bench reads it)
 FIELDS = ("states", "endpoint", "clean", "text", "null")
 ACTION_FIELDS = ("actions", "null_actions")  # [n, F] int64, world-model stores only (both or neither)
+_DTYPES = {"F32": torch.float32, "I64": torch.long}  # safetensors dtype names of the stored fields
 
 
 class PairStoreError(DataError):
@@ -89,7 +96,9 @@ class PairStore:
         save_file({k: v.detach().contiguous().cpu().to(torch.long if k in ACTION_FIELDS else torch.float32)
                    for k, v in tensors.items()}, str(tmp),
                   metadata={"captions": json.dumps(captions)})
+        fsync_path(tmp)  # durable before it is named: a crash leaves a whole shard or none
         os.replace(tmp, path)
+        fsync_path(path.parent, folder=True)
         return path
 
     def _read(self, i: int) -> tuple[dict[str, Tensor], list[str]]:
@@ -97,58 +106,79 @@ class PairStore:
         path = self.shard_path(i)
         try:
             with safe_open(str(path), framework="pt") as f:
+                t = {k: f.get_tensor(k) for k in FIELDS + tuple(k for k in ACTION_FIELDS if k in f.keys())}
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
+            raise self._corrupt(path, f"unreadable or truncated: {str(e).splitlines()[0]}") from None
+        return t, self.header(i)[1]
+
+    def header(self, i: int) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], list[str]]:
+        """Shard i's layout {field: (shape, dtype)} and captions, from its header alone (no tensor is read)."""
+        path = self.shard_path(i)
+        try:
+            with safe_open(str(path), framework="pt") as f:
                 if missing := [k for k in FIELDS if k not in f.keys()]:
                     raise ValueError(f"it lacks {missing}")
-                t = {k: f.get_tensor(k) for k in FIELDS + tuple(k for k in ACTION_FIELDS if k in f.keys())}
+                slices = {k: f.get_slice(k) for k in FIELDS + tuple(k for k in ACTION_FIELDS if k in f.keys())}
+                layout = {k: (tuple(v.get_shape()), _DTYPES.get(v.get_dtype(), v.get_dtype()))
+                          for k, v in slices.items()}
                 captions = json.loads((f.metadata() or {})["captions"])
         except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
             raise self._corrupt(path, f"unreadable or truncated: {str(e).splitlines()[0]}") from None
-        return t, captions
+        return layout, captions
 
     def _corrupt(self, path: Path, why: str) -> PairStoreError:
         return PairStoreError(f"pair shard {path} is corrupt ({why}); delete it and re-run to regenerate it")
 
-    def _problem(self, i: int, t: dict[str, Tensor], captions: Any) -> str | None:
-        """What is wrong with shard i's contents (shapes, dtypes, values), or None."""
-        n, clean = self.shard_len(i), t["clean"]
+    def _problem(self, i: int, t: dict[str, tuple[tuple[int, ...], Any]], captions: Any) -> str | None:
+        """What is wrong with shard i's layout {field: (shape, dtype)} and captions, or None."""
+        n, clean, text = self.shard_len(i), t["clean"][0], t["text"][0]
         anchors = self.manifest.get("anchors")
-        A = len(anchors) if isinstance(anchors, list) else (t["states"].shape[1] if t["states"].dim() > 1 else 0)
-        want = {"clean": (n, *clean.shape[1:]), "endpoint": tuple(clean.shape),
-                "states": (n, A, *clean.shape[1:]), "text": (n, *t["text"].shape[1:]), "null": tuple(t["text"].shape)}
-        if clean.dim() != 5 or t["text"].dim() != 3:
-            return f"clean is {list(clean.shape)} and text {list(t['text'].shape)}, not [n, F, C, H, W] and [n, L, D]"
+        A = len(anchors) if isinstance(anchors, list) else (t["states"][0][1] if len(t["states"][0]) > 1 else 0)
+        want = {"clean": (n, *clean[1:]), "endpoint": clean, "states": (n, A, *clean[1:]), "text": (n, *text[1:]),
+                "null": text}
+        if len(clean) != 5 or len(text) != 3:
+            return f"clean is {list(clean)} and text {list(text)}, not [n, F, C, H, W] and [n, L, D]"
         if (acts := [k for k in ACTION_FIELDS if k in t]) and len(acts) == 1:
             return f"it holds {acts[0]} without {[k for k in ACTION_FIELDS if k not in t][0]}"
-        if acts and t["actions"].dim() != 2:
-            return f"actions is {list(t['actions'].shape)}, not [n, F]"
-        want.update({k: (n, *t["actions"].shape[1:]) for k in acts})
+        if acts and len(t["actions"][0]) != 2:
+            return f"actions is {list(t['actions'][0])}, not [n, F]"
+        want.update({k: (n, *t["actions"][0][1:]) for k in acts})
         for k, shape in want.items():
-            if tuple(t[k].shape) != shape:
-                return f"{k} is {list(t[k].shape)}, not {list(shape)}"
-            if t[k].dtype != (torch.long if k in ACTION_FIELDS else torch.float32):
-                return f"{k} is {t[k].dtype}"
-            if k not in ACTION_FIELDS and not bool(torch.isfinite(t[k]).all()):
-                return f"{k} holds NaN or infinite values"
+            if t[k][0] != shape:
+                return f"{k} is {list(t[k][0])}, not {list(shape)}"
+            if t[k][1] != (torch.long if k in ACTION_FIELDS else torch.float32):
+                return f"{k} is {t[k][1]}"
         if not isinstance(captions, list) or len(captions) != n or not all(isinstance(c, str) for c in captions):
             return f"its captions are not {n} strings"
         return None
 
-    def shards(self):
-        """Every shard's (tensors, captions), each checked: readable, of the shapes its manifest and the first
-        shard give, finite. A damaged shard is a PairStoreError naming the file."""
+    def check(self) -> list[list[str]]:
+        """Every shard's captions after checking its header: present, readable, of the shapes its manifest and
+        the first shard give. A damaged shard is a PairStoreError naming the file; no tensor is read."""
         missing = self.missing()
         if missing:
             raise PairStoreError(f"pair store {self.root} lacks shards {missing[:5]}; run the ODE stage to finish it")
         first: dict[str, tuple[int, ...]] = {}
+        out = []
         for i in range(self.num_shards):
-            t, captions = self._read(i)
-            problem = self._problem(i, t, captions)
-            shapes = {k: tuple(v.shape[1:]) for k, v in t.items()}
+            layout, captions = self.header(i)
+            problem = self._problem(i, layout, captions)
+            shapes = {k: shape[1:] for k, (shape, _) in layout.items()}
             if problem is None and first and shapes != first:
                 problem = f"its tensors are {shapes}, but shard 0 holds {first}"
             if problem:
                 raise self._corrupt(self.shard_path(i), problem)
             first = first or shapes
+            out.append(captions)
+        return out
+
+    def shards(self):
+        """Every shard's (tensors, captions), each checked: its header (see `check`), then finite values."""
+        for i, captions in enumerate(self.check()):
+            t, _ = self._read(i)
+            bad = next((k for k, v in t.items() if k not in ACTION_FIELDS and not bool(torch.isfinite(v).all())), None)
+            if bad:
+                raise self._corrupt(self.shard_path(i), f"{bad} holds NaN or infinite values")
             yield t, captions
 
     def verify(self) -> None:
@@ -184,15 +214,40 @@ def read_timing(root: str | Path) -> dict[str, float]:
 
 class PairSource:
     """Training batches drawn from a complete pair store: `video` is the clean ground truth, `extra` holds
-    `states` and `endpoint`. Deterministic given the generator, like every source."""
+    `states` and `endpoint`. Deterministic given the generator (a torch.Generator or `framecast.rng.Draws`),
+    like every source. The shards' headers are checked once; each batch then reads only its rows from the
+    memory-mapped shards, and a row holding NaN or infinite values is an error naming its shard."""
 
     def __init__(self, store: PairStore) -> None:
-        self.tensors, self.captions = store.load()
+        self.store = store
+        per_shard = store.check()
+        self.captions = [c for caps in per_shard for c in caps]
         self.size = len(self.captions)
+        self.starts = [0, *itertools.accumulate(len(c) for c in per_shard)][:-1]  # first pair of each shard
+        self.fields = list(FIELDS) + [k for k in ACTION_FIELDS if k in store.header(0)[0]]
+        self.shards = Shards(keep=8, error=PairStoreError)
+        self._scan()
 
-    def batch(self, batch_size: int, generator: torch.Generator) -> Batch:
-        idx = torch.randint(0, self.size, (batch_size,), generator=generator)
-        t = {k: v[idx] for k, v in self.tensors.items()}
+    def _scan(self) -> None:
+        """Every row checked finite once, one row in memory at a time, before a run writes anything: a damaged
+        store is refused up front (tests/test_bad_input.py), not steps into training."""
+        for j in range(self.size):
+            path, row = self._where(j)
+            for k in self.fields:
+                if k not in ACTION_FIELDS and not bool(torch.isfinite(self.shards.rows([(path, row)], k)).all()):
+                    raise self.store._corrupt(path, f"{k} holds NaN or infinite values in row {row}")
+
+    def _where(self, j: int) -> tuple[Path, int]:
+        i = bisect.bisect_right(self.starts, j) - 1
+        return self.store.shard_path(i), j - self.starts[i]
+
+    def batch(self, batch_size: int, generator: torch.Generator | Draws) -> Batch:
+        idx = randint(0, self.size, (batch_size,), generator).tolist()
+        where = [self._where(j) for j in idx]
+        t = {k: self.shards.rows(where, k) for k in self.fields}  # [B, ...] each, in batch order
+        for k, v in t.items():
+            if k not in ACTION_FIELDS and not bool(torch.isfinite(v).all()):
+                row = int((~torch.isfinite(v.flatten(1))).any(1).nonzero()[0])
+                raise self.store._corrupt(where[row][0], f"{k} holds NaN or infinite values in row {where[row][1]}")
         return Batch(t["clean"], Cond(t["text"], t.get("actions")), Cond(t["null"], t.get("null_actions")),
-                     [self.captions[i] for i in idx.tolist()],
-                     {"states": t["states"], "endpoint": t["endpoint"]})
+                     [self.captions[j] for j in idx], {"states": t["states"], "endpoint": t["endpoint"]})

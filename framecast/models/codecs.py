@@ -14,6 +14,7 @@ VAE (`wan_vae`, models/wan_vae.py) is built from `model.codec_source`; importing
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -118,6 +119,34 @@ def _wan_vae(latent_channels: int, source: str | Path | None = None) -> Codec:
 
 # name -> builder(latent_channels, source=None); `source` names the codec's weights (model.codec_source)
 CODECS: dict[str, Callable[..., Codec]] = {"identity": _identity, "wan_vae": _wan_vae}
+
+
+def shape_codec(name: str, latent_channels: int, source: str | Path | None = None) -> Codec:
+    """The codec `name` for its frame-count and shape arithmetic only (`latent_frames`, `latent_shape`): no weights
+    are read, so it needs no files (the memory planner, plan.py). The Wan VAE is built on the meta device from its
+    config (a diffusers folder's config.json when `source` holds one, else the Wan2.1 VAE's)."""
+    if name != "wan_vae":
+        return build_codec(name, latent_channels)
+    from .wan_vae import WanVAECodec, build_vae, vae_config
+
+    codec = WanVAECodec(build_vae(vae_config(_vae_config_file(source)), meta=True))
+    if codec.latent_channels != latent_channels:
+        raise ConfigError(f"model.in_channels is {latent_channels} but the Wan VAE makes {codec.latent_channels} "
+                          f"latent channels (its z_dim)")
+    return codec
+
+
+def _vae_config_file(source: str | Path | None) -> Path | None:
+    """The AutoencoderKLWan config.json of a diffusers vae/ folder or root, if `source` is one (an original Wan
+    root's config.json is the DiT's and is not used); None otherwise, also for a path that does not exist."""
+    for f in (Path(source) / "vae" / "config.json", Path(source) / "config.json") if source else ():
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text())
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{f} is not a readable JSON config ({e.__class__.__name__})") from None
+            return f if isinstance(data, dict) and data.get("_class_name") == "AutoencoderKLWan" else None
+    return None
 
 
 def build_codec(name: str, latent_channels: int, source: str | Path | None = None) -> Codec:

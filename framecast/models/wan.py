@@ -260,8 +260,7 @@ def load_transformer(path: str | Path, *, base: str | Path | None = None, use_em
     """A CausalWanTransformer from any format and what was read (format, path, key and keys, wrappers, params,
     dtypes as stored, config, spec or preset). Anything partial, foreign or unsafe is one CheckpointError."""
     mc, sd, info = transformer_weights(path, base=base, use_ema=use_ema)
-    where = f"{info['format']} checkpoint {info['path']}"
-    return _assemble(mc, materialise(sd), where, device, dtype), info
+    return _assemble(mc, materialise(sd), f"{info['format']} checkpoint {info['path']}", device, dtype), info
 
 
 FOUR = (1000, 750, 500, 250)

@@ -39,6 +39,9 @@ def _rows(t: torch.Tensor) -> tuple[int, int] | None:
 def copy_shards(module: nn.Module, tensors: dict[str, Lazy], where: str) -> None:
     """Fill `module`'s (sharded) state from lazily read tensors, every key and shape checked first."""
     own = module.state_dict()
+    # a world model started from a text-to-video file keeps its own (zero-initialised) action embedder
+    keep = {k for k in set(own) - set(tensors) if k.startswith("action_embed.") and not own[k].is_meta}
+    own = {k: v for k, v in own.items() if k not in keep}
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     shape = [k for k in own if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shape:
@@ -66,6 +69,9 @@ def load_into(module: nn.Module, path: str | Path, dist: Dist) -> str:
         copy_shards(module, {f"net.{k}": v for k, v in sd.items()}, f"{info['format']} checkpoint {path}")
         return f"{path} ({info['format']})"
     meta = ckpt.read_meta(src)
+    if not isinstance(meta, dict) or not isinstance(meta.get("ema", []), list):
+        raise CheckpointError(f"checkpoint file {src / ckpt.META} must hold a JSON object whose `ema` lists weight "
+                              f"names")
     stem = "ema_model" if "model" in meta.get("ema", []) else "model"
     if ckpt.is_dcp(src):
         sd = module.state_dict()
