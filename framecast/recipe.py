@@ -330,8 +330,10 @@ def run_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
                   flush=True)
             done[key] = StageResult(key, cfg, train_stage(cfg, allow_change=allow_change),
                                     time.perf_counter() - t0, False)
-        if health_clips:
+        dist = distributed.init(cfg.train.device, shard_group=cfg.dist.shard_group)
+        if health_clips and dist.main:  # under torchrun rank 0 checks (in one process) while the others wait
             done[key].health = stage_health(done[key], health_clips)
+        dist.barrier()
     return list(done.values())
 
 

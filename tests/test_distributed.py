@@ -223,3 +223,29 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights(runs, tmp_path):
 
     sd = ckpt.load_state_dict(tmp_path / "bf16" / "stage1" / "ckpt" / f"step_{D.STEPS:07d}", "model")
     assert {v.dtype for v in sd.values()} == {torch.float32}
+
+
+def test_torchrun_runs_a_recipe_through_the_cli_and_a_rerun_reuses_it(tmp_path):
+    """The user's command: `torchrun ... -m framecast.cli pipeline --recipe R`; rank 0 checks each stage's health."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""name: r
+base: {ROOT / 'configs' / 'tiny.yaml'}
+stages:
+  stage0: {{train: {{steps: 2}}}}
+  stage1: {{train: {{steps: 2}}}}
+  cd: {{train: {{steps: 2}}, cd: {{grid_steps: 8}}, few_step: {{denoising_steps: [1000, 500]}}}}
+  dmd: {{train: {{steps: 2}}, dmd: {{critic_ratio: 1}}, few_step: {{denoising_steps: [1000, 500]}}}}
+""")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "framecast.cli", "pipeline", "--recipe", str(recipe), "--out", str(tmp_path / "runs"), "train.threads=1",
+           "sample.steps=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ("stage0", "stage1", "cd", "dmd"):
+        run = tmp_path / "runs" / "r" / stage
+        meta = json.loads((run / "ckpt" / "step_0000002" / "meta.json").read_text())
+        assert meta["format"] == "dcp" and meta["world_size"] == 2
+        assert (run / "health.json").is_file()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("finished earlier, reusing") == 2 * 4, again.stdout[-2000:]
