@@ -35,6 +35,7 @@ from .backbone import (BIDIRECTIONAL, LazyText, TokenGrid, apply_rope, attend, c
                        check_inputs, cross_attention_kv, pack_teacher_forcing, patchify, plan_mask, rope_3axis,
                        unpatchify)
 from .kv_cache import KVCache
+from .kv_snapshot import ContextSnapshot
 
 Tensor = torch.Tensor
 
@@ -120,11 +121,13 @@ class CausalWanTransformer(WanTransformer3DModel):
 
     def _blocks(self, h: Tensor, text: LazyText, mod: Tensor, rope: Tensor, mask, cache: KVCache | None,
                 commit: bool, T: int) -> Tensor:
-        """All blocks, each under gradient checkpointing when enabled (training, no cache). Each block is called
-        as a module, so FSDP2's per-block hooks gather its weights just in time (train/distributed.py)."""
-        checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing and cache is None
+        """All blocks, each under gradient checkpointing when enabled (any forward with grad that commits nothing:
+        packed training, and DMD's cached exit steps, which read a snapshot of the cache, models/kv_snapshot.py).
+        Each block is called as a module, so FSDP2's per-block hooks gather its weights just in time."""
+        checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing and not commit
         if checkpointing:
             text.get()  # embed outside the checkpoints, or block 0's recomputation would save fewer tensors
+            cache = None if cache is None else ContextSnapshot(cache)  # what the recompute in backward reads
         for i, block in enumerate(self.blocks):
             args = (h, text, mod, rope, mask, cache, commit, T, i, self.attention_backend)
             if checkpointing:

@@ -20,9 +20,9 @@ from ..models.codecs import shape_codec
 GIB = 2 ** 30
 HEADROOM = 0.10  # of GPU memory left free: the CUDA context, NCCL buffers, allocator fragmentation
 FP32, BF16 = torch.float32.itemsize, torch.bfloat16.itemsize
-# models/transformer.py `_blocks` checkpoints blocks only in cache-less forwards, so the self-rollout's exit
-# forwards keep every block's internals whatever model.gradient_checkpointing says (tests/test_plan.py checks it)
-CHECKPOINTED_CACHED_FORWARDS = False
+# models/transformer.py `_blocks` also checkpoints the self-rollout's cached exit forwards (they commit nothing
+# and read a snapshot of the cache, models/kv_snapshot.py): only block inputs stay (tests/test_plan.py checks it)
+CHECKPOINTED_CACHED_FORWARDS = True
 # What a Wan block (transformer `_block`) saves for its backward, per token, counted from its forward: D-wide
 # tensors in the compute dtype (the modulated norms' outputs, q/k/v before and after their RMS norms, the
 # attention kernel's q/k/v/out, the gated branches, cross-attention's query side, the FFN input), D-wide fp32
