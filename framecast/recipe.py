@@ -41,7 +41,7 @@ from .spec import SamplingSpec
 from .train import checkpoint as ckpt
 from .train import distributed
 from .train.lock import run_lock
-from .train.sharded_load import load_into, materialise
+from .train.sharded_load import load_into, shard_and_load
 from .train.loop import Trainer
 
 METHOD_SECTIONS = ("few_step", "ode", "cd", "dmd")  # read only by the stages that name them
@@ -96,10 +96,8 @@ def train_stage(cfg: C.RunConfig, *, allow_change: bool = False) -> Path:
     with run_lock(run_dir) if dist.main else contextlib.nullcontext():  # rank 0 owns the run folder
         check_resume(cfg, allow_change=allow_change)
         plan = st.build(cfg, model, source, roles)
-        distributed.shard_plan(plan.objective, dist, mixed_precision=cfg.dist.mixed_precision,
-                               reshard_after_forward=cfg.dist.reshard_after_forward)
-        if lazy:
-            materialise(distributed.networks(plan.objective), sources, model, dist)
+        shard_and_load(plan.objective, dist, sources, model, mixed_precision=cfg.dist.mixed_precision,
+                       reshard_after_forward=cfg.dist.reshard_after_forward)
         spec = S.sampling_spec(cfg)
         meta = {"stage": cfg.stage, "sampling": spec.to_json()}
         # vector videos are not images: no sample videos (their metrics come from the analytic teachers)

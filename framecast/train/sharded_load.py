@@ -19,7 +19,7 @@ from ..errors import CheckpointError
 from ..models.weights import Lazy, open_safetensors
 from . import checkpoint as ckpt
 from . import dcp
-from .distributed import Dist
+from .distributed import Dist, networks, shard_plan
 
 
 def _is_meta(module: nn.Module) -> bool:
@@ -106,3 +106,11 @@ def materialise(networks: list[nn.Module], sources: dict[int, str], model: nn.Mo
             for k in a:
                 (a[k].to_local() if hasattr(a[k], "to_local") else a[k]).copy_(
                     b[k].to_local() if hasattr(b[k], "to_local") else b[k])
+
+
+def shard_and_load(objective, dist: Dist, sources: dict[int, str], model: nn.Module, **kw) -> None:
+    """Under torchrun: shard every network of the objective (train/distributed.py), then `materialise` those
+    built on the meta device; a no-op in one process."""
+    if dist.active:
+        shard_plan(objective, dist, **kw)
+        materialise(networks(objective), sources, model, dist)
