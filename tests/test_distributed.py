@@ -249,3 +249,25 @@ stages:
         assert (run / "health.json").is_file()
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("finished earlier, reusing") == 2 * 4, again.stdout[-2000:]
+
+
+def test_a_dcp_index_that_holds_code_is_refused_without_running_it(runs, tmp_path):
+    """DCP pickles its index; framecast unpickles only DCP's own records (train/dcp_read.py)."""
+    import pickle
+
+    from framecast.errors import CheckpointError
+    from framecast.generate import load
+
+    root, _ = runs
+    bad = tmp_path / "step"
+    shutil.copytree(root / "two" / "stage1" / "ckpt" / f"step_{D.STEPS:07d}", bad)
+    flag = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {flag}",))
+
+    (bad / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match=r"\.metadata is corrupt or not a DCP index .*posix.system"):
+        load(bad)
+    assert not flag.exists()
