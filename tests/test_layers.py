@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "framecast"
 
 # Top-level units of framecast, lowest first; a unit may import units of strictly lower layers (and itself).
 LAYERS = [
-    ["errors"],
+    ["errors", "files"],
     ["schema"],
     ["config_upgrade", "rng"],
     ["config", "flow"],

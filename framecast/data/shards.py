@@ -23,19 +23,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import DataError, UserError
+from ..files import fsync_dir, fsync_file, pid_alive
 
 Tensor = torch.Tensor
-
-
-def fsync_path(path: Path, *, folder: bool = False) -> None:
-    """Flush a written file, or a folder's entries (a file renamed into it), to disk."""
-    if folder and os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _tmp(path: Path) -> Path:
@@ -44,9 +34,9 @@ def _tmp(path: Path) -> Path:
 
 
 def _publish(tmp: Path, path: Path) -> Path:
-    fsync_path(tmp)
+    fsync_file(tmp)
     os.replace(tmp, path)
-    fsync_path(path.parent, folder=True)
+    fsync_dir(path.parent)
     return path
 
 
@@ -78,23 +68,13 @@ def write_json(path: str | Path, data: Any) -> Path:
         raise
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: an existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
 def remove_stale(path: Path) -> None:
     """Remove the temporary files of `path` that dead writers on this host left. A live writer's (another
     rank's) and other hosts' (a shared file system) are left alone: their owners rename or remove them."""
     host = socket.gethostname()
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         who, _, pid = tmp.name[len(path.name) + 2:-len(".tmp")].rpartition(".")
-        if who == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if who == host and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 

@@ -27,11 +27,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import ConfigError, DataError
+from ..files import fsync_dir, fsync_file
 from ..models.conditioning import Cond
 from ..rng import Draws, randint
 from ..schema import differing_keys, read_json
 from .batch import Batch
-from .shards import Shards, fsync_path
+from .shards import Shards
 
 Tensor = torch.Tensor
 MANIFEST = "manifest.json"
@@ -96,9 +97,9 @@ class PairStore:
         save_file({k: v.detach().contiguous().cpu().to(torch.long if k in ACTION_FIELDS else torch.float32)
                    for k, v in tensors.items()}, str(tmp),
                   metadata={"captions": json.dumps(captions)})
-        fsync_path(tmp)  # durable before it is named: a crash leaves a whole shard or none
+        fsync_file(tmp)  # durable before it is named: a crash leaves a whole shard or none
         os.replace(tmp, path)
-        fsync_path(path.parent, folder=True)
+        fsync_dir(path.parent)
         return path
 
     def _read(self, i: int) -> tuple[dict[str, Tensor], list[str]]:

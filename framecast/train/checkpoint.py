@@ -54,6 +54,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
+from ..files import fsync_dir, fsync_file  # noqa: F401  (re-exported: ckpt.fsync_file)
 from . import dcp_read
 from .dcp_read import CorruptCheckpoint  # noqa: F401  (re-exported)
 
@@ -81,27 +82,6 @@ def _fault(point: str) -> None:
     _reached[point] = _reached.get(point, 0) + 1
     if _reached[point] == int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def fsync_file(path: Path) -> int:
-    """Flush a written file to disk; returns its size."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        return os.fstat(fd).st_size
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a folder's entries (a file created or renamed in it) to disk; POSIX only."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_durable(path: Path, text: str) -> None:

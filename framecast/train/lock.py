@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import pid_alive
 
 LOCK = ".lock"
 
@@ -25,23 +26,13 @@ class RunLockedError(UserError, RuntimeError):
     """Another live process holds this run folder (it trains the stage or writes the pair store)."""
 
 
-def _is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: an existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
 def _owner(fd: int) -> int | None:
     """The pid the holder wrote, or None. The holder writes it just after taking the lock, so a refused
     process reading in between sees an empty file or a dead one's pid: it looks again for up to ~0.2 s."""
     for _ in range(20):
         with contextlib.suppress(OSError, ValueError):
             pid = int(os.pread(fd, 32, 0).decode().strip())
-            if pid > 0 and _is_alive(pid):
+            if pid > 0 and pid_alive(pid):
                 return pid
         time.sleep(0.01)
     return None
