@@ -177,7 +177,11 @@ def load_role(cfg: C.RunConfig, role: Role, *, meta: bool = False) -> Denoiser:
     if tm.in_channels != cfg.model.in_channels or tm.text_dim != cfg.model.text_dim:
         raise ConfigError(f"{role.key}={path!r} has in_channels/text_dim {tm.in_channels}/{tm.text_dim}, the "
                           f"student {cfg.model.in_channels}/{cfg.model.text_dim}")
-    return build_denoiser(tm, "meta") if m is None else m.denoiser
+    net = build_denoiser(tm, "meta") if m is None else m.denoiser
+    # how the network runs follows this run's config, not the one it was saved with (the planner assumes so)
+    net.net.gradient_checkpointing = cfg.model.gradient_checkpointing
+    net.net.attention_backend = cfg.model.attention_backend
+    return net
 
 
 def load_roles(cfg: C.RunConfig, *, meta: bool = False) -> dict[str, Denoiser]:

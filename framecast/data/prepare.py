@@ -20,6 +20,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -209,7 +210,10 @@ def _open(cfg: RunConfig, videos, captions, prompts, out, dtype: str, shard_size
         raise ConfigError(f"--dtype must be one of {sorted(DTYPES)} and --shard-size, --fps >= 1; got {dtype!r}, "
                           f"{shard_size}, {fps}")
     source, items = _inputs(videos, captions, prompts)
-    codec = build_codec(cfg.model.codec, cfg.model.in_channels, cfg.model.codec_source or None)
+    device = cfg.train.device  # each torchrun rank encodes on its own GPU
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    codec = build_codec(cfg.model.codec, cfg.model.in_channels, cfg.model.codec_source or None, device=device)
     enc = build_text_encoder(cfg.data.text_encoder, cfg.model.text_dim, cfg.data.text_tokens, cfg.data.seed,
                              source=cfg.data.text_encoder_source or None)
     settings = _settings(cfg, codec, enc, source, items, dtype, shard_size, fps)

@@ -99,25 +99,25 @@ def pixels_to_uint8(pixels: Tensor) -> Tensor:
     return ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def _identity(latent_channels: int, source: str | Path | None = None) -> Codec:
-    return IdentityCodec(latent_channels)  # nothing to load: `source` is ignored
+def _identity(latent_channels: int, source: str | Path | None = None, device: str = "cpu") -> Codec:
+    return IdentityCodec(latent_channels)  # nothing to load or place: `source` and `device` are ignored
 
 
-def _wan_vae(latent_channels: int, source: str | Path | None = None) -> Codec:
+def _wan_vae(latent_channels: int, source: str | Path | None = None, device: str = "cpu") -> Codec:
     """The Wan2.1 VAE (models/wan_vae.py, which imports diffusers only here) from `source`."""
     if not source:
         raise ConfigError("codec 'wan_vae' needs its weights: set model.codec_source to a diffusers vae/ folder, a "
                           "diffusers root holding vae/, or an original Wan2.1_VAE.pth")
     from .wan_vae import load_wan_vae
 
-    codec = load_wan_vae(source)
+    codec = load_wan_vae(source, device=device)
     if codec.latent_channels != latent_channels:
         raise ConfigError(f"model.in_channels is {latent_channels} but the Wan VAE at {source} makes "
                           f"{codec.latent_channels} latent channels (its z_dim)")
     return codec
 
 
-# name -> builder(latent_channels, source=None); `source` names the codec's weights (model.codec_source)
+# name -> builder(latent_channels, source=None, device="cpu"); `source` names the codec's weights (model.codec_source)
 CODECS: dict[str, Callable[..., Codec]] = {"identity": _identity, "wan_vae": _wan_vae}
 
 
@@ -149,10 +149,12 @@ def _vae_config_file(source: str | Path | None) -> Path | None:
     return None
 
 
-def build_codec(name: str, latent_channels: int, source: str | Path | None = None) -> Codec:
-    """The codec `name` for `latent_channels` latent channels; `source` (a path; "" = none) holds its weights."""
+def build_codec(name: str, latent_channels: int, source: str | Path | None = None, *,
+                device: str = "cpu") -> Codec:
+    """The codec `name` for `latent_channels` latent channels; `source` (a path; "" = none) holds its weights;
+    `device`: where it encodes and decodes (`framecast prepare` encodes on train.device)."""
     if name not in CODECS:
         raise ConfigError(f"unknown codec {name!r} (model.codec); choose one of {sorted(CODECS)}")
     if not source:  # builders that need no weights may take latent_channels alone
         return CODECS[name](latent_channels)
-    return CODECS[name](latent_channels, source)
+    return CODECS[name](latent_channels, source, device=device)
