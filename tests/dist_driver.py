@@ -122,14 +122,16 @@ def main() -> None:
     from framecast.recipe import train_stage
     from framecast.train import distributed
 
-    report = {}
-    original = distributed.shard_plan
+    from framecast import recipe
 
-    def recording(objective, dist, **kw):  # the stage's networks, once sharded
-        original(objective, dist, **kw)
+    report = {}
+    original = recipe.shard_and_load
+
+    def recording(objective, dist, *args, **kw):  # the stage's networks, once sharded and loaded
+        original(objective, dist, *args, **kw)
         report.update(world=dist.world, bytes=shard_bytes(objective))
 
-    distributed.shard_plan = recording
+    recipe.shard_and_load = recording
     for stage in args.stages.split(","):
         out = args.out / stage  # the run folder: out_dir / name / stage
         ck = train_stage(config(stage, args.out, args.inputs, args.accum, args.batch))

@@ -271,3 +271,14 @@ def test_a_dcp_index_that_holds_code_is_refused_without_running_it(runs, tmp_pat
     with pytest.raises(CheckpointError, match=r"\.metadata is corrupt or not a DCP index .*posix.system"):
         load(bad)
     assert not flag.exists()
+
+
+def test_hybrid_sharding_gives_the_same_losses(runs, tmp_path):
+    """dist.shard_group=1 on 2 ranks: a (replicate 2, shard 1) mesh, every rank holding whole networks, gradients
+    averaged across the replicas; the losses are those of one process with the same global batch."""
+    root, inputs = runs
+    r = torchrun(tmp_path / "hsdp", inputs, "--stages", "stage1", "--set", "dist.shard_group=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_rows_close(rows(tmp_path / "hsdp" / "stage1"), rows(root / "one" / "stage1"), RTOL)
+    r0, r1 = (json.loads((tmp_path / "hsdp" / "stage1" / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert r0["bytes"] == r1["bytes"]  # replicated: each rank holds everything
