@@ -46,7 +46,9 @@ class Dist:
 
     @property
     def active(self) -> bool:
-        return self.world > 1
+        """Launched by torchrun, even as one process: every network goes through FSDP2 (its mixed precision
+        included), so 1 GPU and 64 run the same code."""
+        return self.launched
 
     def barrier(self) -> None:
         if tdist.is_initialized():
