@@ -10,6 +10,7 @@ and grad_accum 2 x batch B equals batch 2B in one process. tests/dist_driver.py 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -213,8 +214,11 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights(runs, tmp_path):
     """dist.mixed_precision=bf16 (bf16 compute, fp32 reduce) runs on gloo: the losses stay near fp32's and the
     checkpoint holds the fp32 master weights. (The papers train this way on GPUs; CPU bf16 matmuls are slow.)"""
     root, inputs = runs
-    r = torchrun(tmp_path / "bf16", inputs, "--stages", "stage1", "--set", "dist.mixed_precision=bf16")
+    r = torchrun(tmp_path / "bf16", inputs, "--stages", "stage1,cd", "--set", "dist.mixed_precision=bf16")
     assert r.returncode == 0, r.stderr[-3000:]
+    cd = json.loads((tmp_path / "bf16" / "cd" / "rank0.json").read_text())["bytes"]
+    assert 2 * cd["frozen_teacher"] == cd["model"] == cd["obj_target"]  # frozen shards in bf16, the rest fp32
+    assert all(math.isfinite(r["model/loss"]) for r in rows(tmp_path / "bf16" / "cd"))
     bf, fp = rows(tmp_path / "bf16" / "stage1"), rows(root / "one" / "stage1")
     worst = max(abs(x["model/loss"] - y["model/loss"]) / abs(y["model/loss"]) for x, y in zip(bf, fp))
     assert 0 < worst < 1e-2, worst  # bf16 rounding shows, and stays small

@@ -185,8 +185,14 @@ def networks(objective) -> list[nn.Module]:
 
 
 def shard_plan(objective, dist: Dist, **kw) -> None:
-    if dist.active:
-        shard_all(networks(objective), dist, **kw)
+    """Shard every network of the objective. Under bf16 mixed precision the frozen ones (teacher, real score)
+    are stored in bf16: they have no master weights to keep, so their shards take half the memory."""
+    if not dist.active:
+        return
+    if kw.get("mixed_precision") == "bf16":
+        for m in objective.frozen_modules().values():
+            m.to(torch.bfloat16)
+    shard_all(networks(objective), dist, **kw)
 
 
 def gradient_sync(modules: Iterable[nn.Module], enabled: bool) -> None:
