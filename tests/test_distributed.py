@@ -168,6 +168,8 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(runs, tmp_path):
 
     train_stage(D.config("stage1", name, inputs, accum=2))
     assert_rows_close(rows(name / "stage1"), rows(root / "two" / "stage1"), RTOL)
+    saved = sorted(p.name for p in (name / "stage1" / "ckpt").iterdir() if p.is_dir())
+    assert saved == ["step_0000008", f"step_{D.STEPS:07d}"], saved  # resumed at 8: step 4 was never redone
 
 
 @pytest.mark.parametrize("stage", D.STAGES)
@@ -286,3 +288,22 @@ def test_hybrid_sharding_gives_the_same_losses(runs, tmp_path):
     assert_rows_close(rows(tmp_path / "hsdp" / "stage1"), rows(root / "one" / "stage1"), RTOL)
     r0, r1 = (json.loads((tmp_path / "hsdp" / "stage1" / f"rank{i}.json").read_text()) for i in (0, 1))
     assert r0["bytes"] == r1["bytes"]  # replicated: each rank holds everything
+
+
+def test_a_one_process_checkpoint_resumes_on_two_ranks(runs, tmp_path):
+    """Scale out: step 8 of the one-process Stage 1 (safetensors, grad_accum 2) continues on 2 ranks (grad_accum 1,
+    the same global batch), each rank taking its rows of the weights, EMA and AdamW state, to the same losses."""
+    root, inputs = runs
+    run = tmp_path / "out" / "stage1"
+    (run / "ckpt").mkdir(parents=True)
+    src = root / "one" / "stage1"
+    shutil.copytree(src / "ckpt" / "step_0000008", run / "ckpt" / "step_0000008")
+    kept = [line for line in (src / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 8]
+    (run / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    r = torchrun(tmp_path / "out", inputs, "--stages", "stage1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_rows_close(rows(run), rows(src), RTOL)
+    saved = sorted(p.name for p in (run / "ckpt").iterdir() if p.is_dir())
+    assert saved == ["step_0000008", f"step_{D.STEPS:07d}"], saved  # resumed at 8: step 4 was never redone
+    meta = json.loads((run / "ckpt" / f"step_{D.STEPS:07d}" / "meta.json").read_text())
+    assert meta["format"] == "dcp" and meta["world_size"] == 2

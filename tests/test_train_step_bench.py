@@ -4,6 +4,7 @@ agrees with torch's own count of the matmuls of a step."""
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def check(res: dict) -> None:
         assert all(k in r for k in FIGURES), sorted(set(FIGURES) - set(r))
         assert len(r["step_s"]) == 1 and r["step_s_median"] > 0 and r["peak_mem_mib"] > 0
         assert r["model_tflop_per_step"] > 0 and 0 < r["fraction_of_peak"] <= 1.5, r
-        assert all(v == v and abs(v) < 1e6 for v in r["last_logs"].values()), r["last_logs"]  # finite losses
+        assert all(math.isfinite(v) for v in r["last_logs"].values()), r["last_logs"]  # finite losses
     n = rows["stage1"]["params_trained"]  # one network; every other is the same architecture
     assert n > 0 and rows["stage1"]["params_frozen"] == 0
     assert rows["cd"]["params_trained"] == n and rows["cd"]["params_frozen"] == 2 * n  # teacher + target
@@ -88,7 +89,7 @@ def test_torchrun_one_process_shards_with_fsdp2(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(SCRIPT),
            *SMALL, "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     check(res)

@@ -19,7 +19,9 @@ from ..config import ConfigError, from_dict, to_dict, upgrade
 from ..errors import UserError
 from . import checkpoint as ckpt
 from . import dcp
+from ..models.weights import of_tensor
 from .metrics import truncate_log
+from .sharded_load import fill, shard_like
 
 
 class TrainingDiverged(UserError, FloatingPointError):
@@ -115,9 +117,8 @@ class Checkpointing:
                                        f"(name=...) instead of resuming it")
         if saved.get("format") == dcp.FORMAT:
             return self._read_dcp(path, saved)
-        if self.dist.launched:
-            raise ckpt.CheckpointError(f"{path} was written by one process (safetensors); resume it without "
-                                       f"torchrun, or export and start a new run from it (init={path})")
+        if self.dist.active:
+            return self._read_whole(path)
         stems = [*self.roles, *(f"ema_{n}" for n in self.ema), *(f"obj_{n}" for n in self.extra)]
         return {"weights": {s: ckpt.load_state_dict(path, s) for s in stems}, "state": ckpt.load_state(path)}
 
@@ -136,7 +137,22 @@ class Checkpointing:
         dcp.load(path, templates, self.dist)
         state = dict(saved.get("trainer_state") or {})
         state["optimizers"] = {n: templates.pop(f"optim_{n}") for n in self.roles}
-        return {"weights": templates, "state": state, "dcp": True}
+        return {"weights": templates, "state": state, "flat_optimizer": True}
+
+    def _read_whole(self, path: Path) -> dict[str, Any]:
+        """A one-process (safetensors) checkpoint resumed under torchrun: each rank keeps the rows of its shards of
+        the weights, EMAs and AdamW state (in `_read_dcp`'s layout), so a run started on one GPU scales out."""
+        templates = {k: {n: v.detach().clone() for n, v in sd.items()} for k, sd in self._tensors().items()}
+        for stem, sd in templates.items():
+            whole = {k: of_tensor(v) for k, v in ckpt.load_state_dict(path, stem).items()}
+            fill(sd, whole, f"checkpoint file {path / f'{stem}.safetensors'}")
+        state = ckpt.load_state(path)
+        for n in self.roles:
+            named = [(k, p) for k, p in self.roles[n].named_parameters() if p.requires_grad]  # the optimiser's order
+            saved = state["optimizers"][n]["state"]
+            state["optimizers"][n] = {f"{k}.{s}": shard_like(v, p) if v.dim() else v
+                                      for i, (k, p) in enumerate(named) if i in saved for s, v in saved[i].items()}
+        return {"weights": templates, "state": state, "flat_optimizer": True}
 
     def _apply(self, path: Path, saved: dict[str, Any]) -> int:
         w, state = saved["weights"], saved["state"]
@@ -147,7 +163,7 @@ class Checkpointing:
         for n, m in self.extra.items():
             ckpt.fit_weights(m, w[f"obj_{n}"], path / f"obj_{n}.safetensors")
         for n, o in self.optimizers.items():
-            if saved.get("dcp"):
+            if saved.get("flat_optimizer"):  # `<param>.<state>` tensors (DCP, or resharded)
                 dcp.restore_optimizer(self.roles[n], o, state["optimizers"][n])
             else:
                 o.load_state_dict(state["optimizers"][n])

@@ -41,7 +41,11 @@ def copy_shards(module: nn.Module, tensors: dict[str, Lazy], where: str) -> None
     own = module.state_dict()
     # a world model started from a text-to-video file keeps its own (zero-initialised) action embedder
     keep = {k for k in set(own) - set(tensors) if k.startswith("action_embed.") and not own[k].is_meta}
-    own = {k: v for k, v in own.items() if k not in keep}
+    fill({k: v for k, v in own.items() if k not in keep}, tensors, where)
+
+
+def fill(own: dict[str, torch.Tensor], tensors: dict[str, Lazy], where: str) -> None:
+    """Copy into each tensor of `own` (a DTensor: only this rank's rows) the same key of `tensors`."""
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     shape = [k for k in own if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shape:
@@ -54,6 +58,17 @@ def copy_shards(module: nn.Module, tensors: dict[str, Lazy], where: str) -> None
             local = t.to_local() if hasattr(t, "to_local") else t
             src = tensors[k].full() if span is None else tensors[k].rows(*span)
             local.copy_(src.to(local.dtype))
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `like` is: this rank's rows as a DTensor of like's mesh and placements, or as is."""
+    span = _rows(like)
+    if span is None:
+        return full.to(like.device)
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(full[span[0]:span[1]].to(like.device), like.device_mesh, like.placements,
+                              run_check=False, shape=like.shape, stride=like.stride())
 
 
 def load_into(module: nn.Module, path: str | Path, dist: Dist) -> str:
