@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import DataError, UserError
+from ..rng import Draws, mix, randint
 from ..files import fsync_dir, fsync_file, pid_alive
 
 Tensor = torch.Tensor
@@ -151,3 +152,29 @@ def writer_lock(root: Path, name: str, doing: str):
         yield
     finally:
         os.close(fd)
+
+
+class EpochOrder:
+    """Which item each sample of a run reads (the store and pair readers): with the trainer's `Draws`, global
+    sample position p reads item perm_e[p % N] of epoch e = p // N, perm_e a permutation of the N items seeded by
+    mix(seed, e), so every epoch visits every item once and a step's data follows from its number alone, however
+    the batch is split over ranks and micro-batches. With a plain torch.Generator: uniform draws from it."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+        self._perms: dict[int, Tensor] = {}
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:  # batches straddle at most two epochs
+                self._perms.pop(min(self._perms))
+            g = torch.Generator().manual_seed(mix(self.seed, epoch))
+            self._perms[epoch] = torch.randperm(self.size, generator=g)
+        return self._perms[epoch]
+
+    def indices(self, batch_size: int, generator: torch.Generator | Draws) -> list[int]:
+        if not isinstance(generator, Draws):
+            return randint(0, self.size, (batch_size,), generator).tolist()
+        if len(generator.positions) != batch_size:
+            raise ValueError(f"{len(generator.positions)} sample positions for a batch of {batch_size}")
+        return [int(self._perm(p // self.size)[p % self.size]) for p in generator.positions]

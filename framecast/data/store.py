@@ -30,10 +30,10 @@ from ..config import DataConfig
 from ..errors import ConfigError, DataError, UserError
 from ..models.codecs import Codec
 from ..models.conditioning import Cond, TextEncoder
-from ..rng import Draws, mix, randint
+from ..rng import Draws
 from ..schema import differing_keys, read_json
 from .batch import Batch
-from .shards import Shards, read_meta, remove_stale, write_json, write_tensors
+from .shards import EpochOrder, Shards, read_meta, remove_stale, write_json, write_tensors
 
 Tensor = torch.Tensor
 FORMAT, VERSION = "framecast-store", 1
@@ -197,7 +197,7 @@ class StoreSource:
         for i, n in enumerate(counts):
             self.captions += self._check_shard(i, n)
         self.null = self._read_null()  # [L, D] float32
-        self._perms: dict[int, Tensor] = {}
+        self.order = EpochOrder(self.size, self.seed)
 
     def __len__(self) -> int:
         return self.size
@@ -236,21 +236,9 @@ class StoreSource:
                              f"prepare")
         return self.shards.handle(path).get_tensor("null").float()  # [L, D]
 
-    def _perm(self, epoch: int) -> Tensor:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:  # batches straddle at most two epochs
-                self._perms.pop(min(self._perms))
-            g = torch.Generator().manual_seed(mix(self.seed, epoch))
-            self._perms[epoch] = torch.randperm(self.size, generator=g)
-        return self._perms[epoch]
-
     def indices(self, batch_size: int, generator: torch.Generator | Draws) -> list[int]:
         """The items of a batch (see the class docstring)."""
-        if not isinstance(generator, Draws):
-            return randint(0, self.size, (batch_size,), generator).tolist()
-        if len(generator.positions) != batch_size:
-            raise ValueError(f"{len(generator.positions)} sample positions for a batch of {batch_size}")
-        return [int(self._perm(p // self.size)[p % self.size]) for p in generator.positions]
+        return self.order.indices(batch_size, generator)
 
     def _where(self, j: int) -> tuple[Path, int]:
         i = bisect.bisect_right(self.starts, j) - 1  # empty shards share a start; the last of them holds j

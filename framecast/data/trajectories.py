@@ -29,10 +29,10 @@ from safetensors.torch import save_file
 from ..errors import ConfigError, DataError
 from ..files import fsync_dir, fsync_file
 from ..models.conditioning import Cond
-from ..rng import Draws, randint
+from ..rng import Draws
 from ..schema import differing_keys, read_json
 from .batch import Batch
-from .shards import Shards
+from .shards import EpochOrder, Shards
 
 Tensor = torch.Tensor
 MANIFEST = "manifest.json"
@@ -215,9 +215,9 @@ def read_timing(root: str | Path) -> dict[str, float]:
 
 class PairSource:
     """Training batches drawn from a complete pair store: `video` is the clean ground truth, `extra` holds
-    `states` and `endpoint`. Deterministic given the generator (a torch.Generator or `framecast.rng.Draws`),
-    like every source. The shards' headers are checked once; each batch then reads only its rows from the
-    memory-mapped shards, and a row holding NaN or infinite values is an error naming its shard."""
+    `states` and `endpoint`. Under the trainer (`framecast.rng.Draws`) samples follow a seeded per-epoch order of
+    the pairs (data/shards.py `EpochOrder`); with a plain torch.Generator, uniform draws. Every row is checked
+    finite once at the start; each batch then reads only its rows from the memory-mapped shards."""
 
     def __init__(self, store: PairStore) -> None:
         self.store = store
@@ -227,6 +227,7 @@ class PairSource:
         self.starts = [0, *itertools.accumulate(len(c) for c in per_shard)][:-1]  # first pair of each shard
         self.fields = list(FIELDS) + [k for k in ACTION_FIELDS if k in store.header(0)[0]]
         self.shards = Shards(keep=8, error=PairStoreError)
+        self.order = EpochOrder(self.size, int(store.manifest.get("seed", 0)))
         self._scan()
 
     def _scan(self) -> None:
@@ -243,7 +244,7 @@ class PairSource:
         return self.store.shard_path(i), j - self.starts[i]
 
     def batch(self, batch_size: int, generator: torch.Generator | Draws) -> Batch:
-        idx = randint(0, self.size, (batch_size,), generator).tolist()
+        idx = self.order.indices(batch_size, generator)  # an epoch order under the trainer (data/shards.py)
         where = [self._where(j) for j in idx]
         t = {k: self.shards.rows(where, k) for k in self.fields}  # [B, ...] each, in batch order
         for k, v in t.items():
