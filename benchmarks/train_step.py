@@ -166,10 +166,10 @@ def step_flops(cfg: C.RunConfig, objective, trainer: Trainer, step: int) -> floa
     """Model FLOPs of one step of this rank (batch_size x grad_accum samples): see the module docstring."""
     _, L = tokens(cfg)
 
-    def ff(q: int, k: int, text_kv: bool = True) -> float:
-        return forward_flops(cfg.model, q, k, cfg.data.text_tokens, text_kv=text_kv)
+    def ff(q: int, k: int, text_kv: bool = True, out: int | None = None) -> float:
+        return forward_flops(cfg.model, q, k, cfg.data.text_tokens, text_kv=text_kv, out_tokens=out)
 
-    packed = ff(2 * L, 2 * L)
+    packed = ff(2 * L, 2 * L, out=L)  # [clean ; noisy]: the head projects the noisy half only
     if cfg.stage == "stage1":
         per = 3 * packed
     elif cfg.stage == "cd":

@@ -71,7 +71,7 @@ def test_flop_accounting_matches_torch_flop_counter(bench, one_thread):
     from framecast.train.distributed import SINGLE
     from framecast.train.loop import Trainer
 
-    args = bench.parse(SMALL + ["--channels", "3", "--height", "16", "--width", "16", "--no-checkpointing"])
+    args = bench.parse(SMALL + ["--channels", "16", "--height", "16", "--width", "16", "--no-checkpointing"])
     for stage in bench.STAGES:
         cfg = bench.run_config(args, stage)
         plan, _ = bench.build(cfg, SINGLE, torch.device("cpu"))

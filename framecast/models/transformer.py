@@ -238,11 +238,13 @@ def count_params(module: torch.nn.Module) -> int:
 
 
 def forward_flops(cfg: ModelConfig, query_tokens: int, key_tokens: int, text_tokens: int, *,
-                  text_kv: bool = True) -> float:
+                  text_kv: bool = True, out_tokens: int | None = None) -> float:
     """Matmul FLOPs of one forward (2 per multiply-add), for FLOP/s-vs-peak benchmarks.
 
     Counts projections, attention scores and values, cross-attention and FFN; ignores norms/elementwise.
     `text_kv=False` leaves out the text K/V projections, which a warm streaming cache does not recompute.
+    `out_tokens`: tokens the head projects (default all queries; a packed teacher-forcing forward projects only
+    its noisy half, `_head`).
     """
     D, L, Lk, Lt = cfg.dim, query_tokens, key_tokens, text_tokens
     per_layer = (
@@ -254,5 +256,6 @@ def forward_flops(cfg: ModelConfig, query_tokens: int, key_tokens: int, text_tok
         + 2 * 2 * L * D * cfg.ffn_dim  # ffn
     )
     ph, pw = cfg.patch_size[1:]
-    io = 2 * L * D * cfg.in_channels * ph * pw * 2  # patch embed + proj out
+    Lo = L if out_tokens is None else out_tokens
+    io = 2 * L * D * cfg.in_channels * ph * pw + 2 * Lo * D * cfg.out_channels * ph * pw  # patch embed + proj out
     return float(cfg.num_layers * per_layer + io)
