@@ -18,6 +18,7 @@ suite registers one from a test file alone (tests/test_stage_registry.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -160,7 +161,7 @@ def role_path(cfg: C.RunConfig, role: Role) -> str:
     return getattr(getattr(cfg, section), name)
 
 
-def load_role(cfg: C.RunConfig, role: Role, *, meta: bool = False) -> Denoiser:
+def load_role(cfg: C.RunConfig, role: Role, *, meta: bool = False, device: str | None = None) -> Denoiser:
     """The network of `role`, checked to be the kind of model and the shapes the stage needs. `meta`: built on
     the meta device from the checkpoint's metadata, for each rank to load its shards (train/sharded_load.py)."""
     path, want = role_path(cfg, role), role.kind(cfg)
@@ -169,7 +170,7 @@ def load_role(cfg: C.RunConfig, role: Role, *, meta: bool = False) -> Denoiser:
     if meta:
         (tm, mode), m = describe(path), None
     else:
-        m = load(path, device=cfg.train.device)
+        m = load(path, device=str(device or cfg.train.device))
         tm, mode = m.config.model, m.spec.mode
     ok = mode == "bidirectional" if want == "bidirectional" else mode in CAUSAL_MODES
     if not ok:
@@ -200,12 +201,14 @@ def _flow_matching(cfg: C.RunConfig, model: Denoiser, source, roles) -> StagePla
     return StagePlan(FlowMatching(model, cfg.flow, obj), source)
 
 
-def make_pairs(cfg: C.RunConfig, source=None, teacher: Denoiser | None = None, *, write: bool = True):
+def make_pairs(cfg: C.RunConfig, source=None, teacher: Denoiser | None = None, *, write: bool = True,
+               rank: int = 0, world: int = 1):
     """Generate (or finish) the ODE-pair store of an `ode` stage and return it (method.md §5.1); resumable.
 
     The store folder is written under its own lock (train/lock.py, architecture.md §5): a second process
-    filling it at the same time is refused, naming the owner, before it writes anything. `write=False` opens
-    the store another process (rank 0 of a torchrun job) has just filled."""
+    filling it at the same time is refused, naming the owner, before it writes anything. Under torchrun rank r
+    of `world` fills the shards i with i % world == r under its own lock (shard i depends on (seed, i) only, so
+    the store is the same however it is split); `write=False` opens a store that is already complete."""
     from .data.trajectories import PairStore
     from .objectives.ode import TEACHERS, write_pairs
     from .train.lock import run_lock
@@ -214,6 +217,7 @@ def make_pairs(cfg: C.RunConfig, source=None, teacher: Denoiser | None = None, *
     if o.teacher_kind not in TEACHERS:
         raise ConfigError(f"ode.teacher_kind must be one of {TEACHERS}, got {o.teacher_kind!r}")
     teacher = teacher if teacher is not None or not write else load_role(cfg, ODE_TEACHER)
+    lock = (lambda root: root) if world == 1 else (lambda root: Path(root) / f".rank{rank}")
     source = source or build_data(cfg)
     anchors = ode_anchors(cfg)
     manifest = {"teacher": str(ckpt.resolve(o.teacher)), "teacher_kind": o.teacher_kind,
@@ -223,11 +227,12 @@ def make_pairs(cfg: C.RunConfig, source=None, teacher: Denoiser | None = None, *
     root = o.pairs_dir or cfg.run_dir / "pairs"
     if not write:
         return PairStore(root, manifest)
-    with run_lock(root, doing="filled with ODE pairs"):
-        store = PairStore(root, manifest)
+    with run_lock(lock(root), doing="filled with ODE pairs"):
+        store = PairStore(root, manifest)  # under torchrun rank 0 created it before the others open it
         write_pairs(store, teacher, source, block_size=cfg.objective.block_size, steps=o.grid_steps,
                     shift=cfg.flow.shift, anchors=anchors, guidance=o.guidance, seed=cfg.train.seed,
-                    mode=o.pair_mode, teacher_kind=o.teacher_kind, progress=cfg.train.progress)
+                    mode=o.pair_mode, teacher_kind=o.teacher_kind, progress=cfg.train.progress and rank == 0,
+                    rank=rank, world=world)
     return store
 
 
@@ -236,11 +241,14 @@ def _ode(cfg: C.RunConfig, model: Denoiser, source, roles) -> StagePlan:
     from .objectives.ode import ODERegression
 
     teacher, dist = roles["teacher"], distributed.init(cfg.train.device)
-    if dist.main and any(p.is_meta for p in teacher.parameters()):  # torchrun: rank 0 makes the pairs with a
-        teacher = load_role(cfg, ODE_TEACHER)  # whole, loaded teacher; the other ranks wait, then read the store
-    store = make_pairs(cfg, source, teacher, write=dist.main) if dist.main else None
+    if any(p.is_meta for p in teacher.parameters()):  # torchrun: every rank makes its shards of the pairs with a
+        teacher = load_role(cfg, ODE_TEACHER, device=dist.device)  # whole teacher on its own device
+    if dist.active and dist.main:
+        make_pairs(cfg, source, write=False)  # creates the store (its manifest) once, before the ranks fill it
     dist.barrier()
-    store = store or make_pairs(cfg, source, write=False)
+    make_pairs(cfg, source, teacher, rank=dist.rank, world=dist.world)
+    dist.barrier()
+    store = make_pairs(cfg, source, write=False)
     objective = ODERegression(model, anchors=ode_anchors(cfg), block_size=cfg.objective.block_size,
                               teacher_kind=cfg.ode.teacher_kind)
     return StagePlan(objective, PairSource(store))

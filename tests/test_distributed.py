@@ -81,6 +81,9 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(runs, stage):
     meta = json.loads((root / "two" / stage / "ckpt" / f"step_{D.STEPS:07d}" / "meta.json").read_text())
     assert meta["format"] == "dcp" and meta["world_size"] == 2
     assert any(f.endswith(".distcp") for f in meta["files"])
+    if stage == "ode":  # each rank made its own shards of the pair store (shard i % 2 == rank)
+        timing = [json.loads((root / "two" / "ode" / "pairs" / f"timing.rank{r}.json").read_text()) for r in (0, 1)]
+        assert sorted(timing[0]) == ["0"] and sorted(timing[1]) == ["1"], timing
 
 
 def test_each_rank_holds_half_of_every_network(runs):

@@ -199,9 +199,17 @@ class PairStore:
 
 
 def read_timing(root: str | Path) -> dict[str, float]:
-    """A store's timing file (shard -> seconds it took), {} if there is none; a PairStoreError naming it if it
-    cannot be read."""
-    path = Path(root) / TIMING
+    """A store's timing (shard -> seconds it took): timing.json merged with the per-rank files of a torchrun
+    generation; {} if there is none; a PairStoreError naming a file that cannot be read."""
+    root = Path(root)
+    times: dict[str, float] = {}
+    for path in [root / TIMING, *sorted(root.glob("timing.rank*.json"))]:
+        times.update(read_json_timing(path))
+    return times
+
+
+def read_json_timing(path: Path) -> dict[str, float]:
+    """One timing file, {} if it does not exist."""
     if not path.exists():
         return {}
     times = read_json(path, "pair-store timing file", PairStoreError)

@@ -136,7 +136,7 @@ class ODERegression(Objective):
 
 def write_pairs(store, teacher, source, *, block_size: int, steps: int, shift: float, anchors: Tensor,
                 guidance: float, seed: int, mode: str = "cached", teacher_kind: str = "causal",
-                progress: bool = True) -> None:
+                progress: bool = True, rank: int = 0, world: int = 1) -> None:
     """Fill the missing shards of `store` (data/trajectories.py); resumable, with a progress bar.
 
     Shard i draws its videos and noise from Generator(seed, i) only, so a resumed generation writes
@@ -144,7 +144,7 @@ def write_pairs(store, teacher, source, *, block_size: int, steps: int, shift: f
     """
     from tqdm.auto import tqdm
 
-    todo = store.missing()
+    todo = [i for i in store.missing() if i % world == rank]  # torchrun: this rank's shards
     total = int(store.manifest["num_pairs"])
     bar = tqdm(total=total, initial=total - sum(store.shard_len(i) for i in todo), disable=not progress,
                desc="ode pairs", unit="traj", dynamic_ncols=True)
@@ -165,7 +165,7 @@ def write_pairs(store, teacher, source, *, block_size: int, steps: int, shift: f
         if batch.cond.actions is not None:  # world models: the pairs were made under these actions
             tensors.update(actions=batch.cond.actions, null_actions=batch.null.actions)
         store.write(i, tensors, batch.captions)
-        record_seconds(store.root, i, time.perf_counter() - t0)
+        record_seconds(store.root, i, time.perf_counter() - t0, rank=rank if world > 1 else None)
         bar.update(store.shard_len(i))
     bar.close()
 
@@ -173,11 +173,13 @@ def write_pairs(store, teacher, source, *, block_size: int, steps: int, shift: f
 TIMING = "timing.json"  # shard -> seconds it took to generate, beside the manifest (Stage-2 cost, docs/results.md)
 
 
-def record_seconds(root: Path, shard: int, seconds: float) -> None:
-    from ..data.trajectories import read_timing
+def record_seconds(root: Path, shard: int, seconds: float, *, rank: int | None = None) -> None:
+    """Add a shard's generation time to timing.json (`rank` under torchrun: its own timing.rank<r>.json, so the
+    ranks never write one file; read_timing merges them)."""
+    from ..data.trajectories import read_json_timing
 
-    path = Path(root) / TIMING
-    times = read_timing(root)  # an unreadable one is a PairStoreError naming it
+    path = Path(root) / (TIMING if rank is None else f"timing.rank{rank}.json")
+    times = read_json_timing(path)  # an unreadable one is a PairStoreError naming it
     times[str(shard)] = round(seconds, 3)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(times, indent=1))
@@ -191,7 +193,7 @@ def pair_seconds(root: str | Path) -> tuple[float, bool]:
     from ..data.trajectories import read_timing
 
     root = Path(root)
-    if (root / TIMING).exists():
+    if (root / TIMING).exists() or any(root.glob("timing.rank*.json")):
         return float(sum(read_timing(root).values())), True
     stamps = sorted(p.stat().st_mtime for p in root.glob("shard_*.safetensors"))
     if len(stamps) < 2:
