@@ -27,6 +27,7 @@ import dist_driver as D  # noqa: E402
 pytestmark = pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 ROOT = Path(__file__).resolve().parents[1]
+LOCAL = {"GLOO_SOCKET_IFNAME": "lo"}  # gloo over loopback: no dependence on the host name resolving
 RTOL = 1e-5  # float summation order differs (per-rank gradients reduce-scattered vs accumulated in one process)
 TRACK = ("model/loss", "critic/loss", "model/grad_norm", "critic/grad_norm", "model/mse")
 
@@ -34,7 +35,7 @@ TRACK = ("model/loss", "critic/loss", "model/grad_norm", "critic/grad_norm", "mo
 def torchrun(out: Path, inputs: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "dist_driver.py"), str(out), str(inputs), "--accum", "1", *extra]
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    e = {**LOCAL, **os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     for k in ("FRAMECAST_FAULT", "FRAMECAST_FAULT_RANK"):
         if env is None or k not in env:
             e.pop(k, None)
@@ -248,7 +249,7 @@ stages:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "framecast.cli", "pipeline", "--recipe", str(recipe), "--out", str(tmp_path / "runs"), "train.threads=1",
            "sample.steps=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**LOCAL, **os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     for stage in ("stage0", "stage1", "cd", "dmd"):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+LOCAL = {"GLOO_SOCKET_IFNAME": "lo"}  # gloo over loopback: no dependence on the host name resolving
 SCRIPT = ROOT / "benchmarks" / "train_step.py"
 SMALL = ["--device", "cpu", "--preset", "tiny", "--frames", "4", "--height", "8", "--width", "8", "--text-tokens",
          "8", "--steps", "1", "--peak-n", "256"]
@@ -88,7 +89,7 @@ def test_torchrun_one_process_shards_with_fsdp2(tmp_path):
     out = tmp_path / "train_step.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(SCRIPT),
            *SMALL, "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**LOCAL, **os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     r = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
