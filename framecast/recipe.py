@@ -314,6 +314,8 @@ def run_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     keys = check_recipe(recipe.stages, only)
     stop = max(keys.index(k) for k in only) + 1 if only else len(keys)  # later stages feed none of `only`
     done: dict[str, StageResult] = {}
+    first = recipe.stages[0]
+    dist = distributed.init(first.train.device, shard_group=first.dist.shard_group)  # one process unless torchrun
     for key, cfg in zip(keys[:stop], recipe.stages[:stop]):
         cfg = resolve_refs(cfg, done, key)
         t0 = time.perf_counter()
@@ -328,7 +330,6 @@ def run_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
                   flush=True)
             done[key] = StageResult(key, cfg, train_stage(cfg, allow_change=allow_change),
                                     time.perf_counter() - t0, False)
-        dist = distributed.init(cfg.train.device, shard_group=cfg.dist.shard_group)
         if health_clips and dist.main:  # under torchrun rank 0 checks (in one process) while the others wait
             done[key].health = stage_health(done[key], health_clips)
         dist.barrier()

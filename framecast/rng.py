@@ -10,7 +10,7 @@ outside training) or `Draws` (one stream per row of the leading dimension):
 
     draws = Draws.for_samples(seed, step, range(4, 8), global_batch=8, shared_seed=s)  # rank 1 of 2, batch 4
     eps = randn((4, F, C, H, W), draws)                  # row i from sample 4+i's own generator
-    e = int(randint(0, 3, (1,), shared(draws)))          # the same on every rank and micro-batch
+    e = int(torch.randint(0, 3, (1,), generator=draws))  # Draws is the shared stream: the same on every rank
 
 So 2 ranks x batch B, 1 rank x 2 micro-batches of B and 1 rank x batch 2B draw identical numbers per sample.
 """
@@ -58,11 +58,6 @@ class Draws(torch.Generator):
 
     def __len__(self) -> int:
         return len(self.gens)
-
-
-def shared(g: "torch.Generator | Draws | None") -> torch.Generator | None:
-    """The generator of batch-wide decisions: for `Draws` the step's shared stream (the object itself)."""
-    return g
 
 
 def _rows(shape: Sequence[int], g: Draws) -> tuple[int, tuple[int, ...]]:

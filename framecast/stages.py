@@ -217,7 +217,6 @@ def make_pairs(cfg: C.RunConfig, source=None, teacher: Denoiser | None = None, *
     if o.teacher_kind not in TEACHERS:
         raise ConfigError(f"ode.teacher_kind must be one of {TEACHERS}, got {o.teacher_kind!r}")
     teacher = teacher if teacher is not None or not write else load_role(cfg, ODE_TEACHER)
-    lock = (lambda root: root) if world == 1 else (lambda root: Path(root) / f".rank{rank}")
     source = source or build_data(cfg)
     anchors = ode_anchors(cfg)
     manifest = {"teacher": str(ckpt.resolve(o.teacher)), "teacher_kind": o.teacher_kind,
@@ -227,7 +226,8 @@ def make_pairs(cfg: C.RunConfig, source=None, teacher: Denoiser | None = None, *
     root = o.pairs_dir or cfg.run_dir / "pairs"
     if not write:
         return PairStore(root, manifest)
-    with run_lock(lock(root), doing="filled with ODE pairs"):
+    lock_dir = root if world == 1 else Path(root) / f".rank{rank}"  # torchrun: one lock per rank's shards
+    with run_lock(lock_dir, doing="filled with ODE pairs"):
         store = PairStore(root, manifest)  # under torchrun rank 0 created it before the others open it
         write_pairs(store, teacher, source, block_size=cfg.objective.block_size, steps=o.grid_steps,
                     shift=cfg.flow.shift, anchors=anchors, guidance=o.guidance, seed=cfg.train.seed,
@@ -246,9 +246,8 @@ def _ode(cfg: C.RunConfig, model: Denoiser, source, roles) -> StagePlan:
     if dist.active and dist.main:
         make_pairs(cfg, source, write=False)  # creates the store (its manifest) once, before the ranks fill it
     dist.barrier()
-    make_pairs(cfg, source, teacher, rank=dist.rank, world=dist.world)
-    dist.barrier()
-    store = make_pairs(cfg, source, write=False)
+    store = make_pairs(cfg, source, teacher, rank=dist.rank, world=dist.world)
+    dist.barrier()  # every rank's shards are in place before PairSource checks the store
     objective = ODERegression(model, anchors=ode_anchors(cfg), block_size=cfg.objective.block_size,
                               teacher_kind=cfg.ode.teacher_kind)
     return StagePlan(objective, PairSource(store))

@@ -29,7 +29,7 @@ from ..errors import CheckpointError, ConfigError
 from ..schema import read_json
 from ..spec import SamplingSpec, few_step_fields
 from .transformer import CausalWanTransformer, build_transformer
-from .weights import Lazy, materialise, of_tensor, open_safetensors
+from .weights import Lazy, of_tensor, open_safetensors, read_all
 
 StateDict = dict[str, torch.Tensor]
 WEIGHTS = "diffusion_pytorch_model"
@@ -243,7 +243,7 @@ def transformer_weights(path: str | Path, *, base: str | Path | None = None, use
         raise CheckpointError(f"official checkpoint {loc} holds no config: pass base= a Wan folder of its size")
     info: dict[str, Any] = {"format": fmt, "path": str(loc), "key": None, "keys": [], "spec": None, "preset": None}
     src = _select(fmt, loc, obj, use_ema, info)
-    sd = {k: of_tensor(v, f"{loc}:{k}") for k, v in src.items()} if isinstance(src, dict) else {}
+    sd = {k: of_tensor(v) for k, v in src.items()} if isinstance(src, dict) else {}
     for f in src if isinstance(src, list) else []:
         sd.update(open_safetensors(f, f"{fmt} checkpoint file"))
     info["wrappers"], sd = wrappers_in(sd), strip_wrappers(_own(fmt, sd))
@@ -260,7 +260,7 @@ def load_transformer(path: str | Path, *, base: str | Path | None = None, use_em
     """A CausalWanTransformer from any format and what was read (format, path, key and keys, wrappers, params,
     dtypes as stored, config, spec or preset). Anything partial, foreign or unsafe is one CheckpointError."""
     mc, sd, info = transformer_weights(path, base=base, use_ema=use_ema)
-    return _assemble(mc, materialise(sd), f"{info['format']} checkpoint {info['path']}", device, dtype), info
+    return _assemble(mc, read_all(sd), f"{info['format']} checkpoint {info['path']}", device, dtype), info
 
 
 FOUR = (1000, 750, 500, 250)

@@ -22,9 +22,8 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 class Lazy:
     """One stored tensor: `shape`, `dtype`, `numel()`; `full()` reads it, `rows(a, b)` reads rows [a, b) of dim 0."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, read: Callable[[slice | None], torch.Tensor],
-                 where: str) -> None:
-        self.shape, self.dtype, self._read, self.where = torch.Size(shape), dtype, read, where
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, read: Callable[[slice | None], torch.Tensor]) -> None:
+        self.shape, self.dtype, self._read = torch.Size(shape), dtype, read
 
     def numel(self) -> int:
         return self.shape.numel()
@@ -38,9 +37,9 @@ class Lazy:
         return self._read(slice(start, stop))
 
 
-def of_tensor(t: torch.Tensor, where: str = "") -> Lazy:
+def of_tensor(t: torch.Tensor) -> Lazy:
     """A tensor already in memory or mmap'd (an official `.pt` file): slicing reads only those pages."""
-    return Lazy(tuple(t.shape), t.dtype, lambda s: t if s is None else t[s].clone(), where)
+    return Lazy(tuple(t.shape), t.dtype, lambda s: t if s is None else t[s].clone())
 
 
 def open_safetensors(path: str | Path, error: str = "checkpoint file") -> dict[str, Lazy]:
@@ -67,9 +66,9 @@ def open_safetensors(path: str | Path, error: str = "checkpoint file") -> dict[s
         dtype = DTYPES.get(sl.get_dtype())
         if dtype is None:
             raise CheckpointError(f"{error} {path}: tensor {k!r} has dtype {sl.get_dtype()}, not a weights dtype")
-        out[k] = Lazy(tuple(sl.get_shape()), dtype, reader(k), f"{path}:{k}")
+        out[k] = Lazy(tuple(sl.get_shape()), dtype, reader(k))
     return out
 
 
-def materialise(sd: dict[str, Lazy | torch.Tensor]) -> dict[str, torch.Tensor]:
+def read_all(sd: dict[str, Lazy | torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.full() if isinstance(v, Lazy) else v for k, v in sd.items()}

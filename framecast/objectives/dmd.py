@@ -61,7 +61,7 @@ class AsymmetricDMD(Objective):
 
     def exit_steps(self, generator: torch.Generator) -> tuple[int, int | None]:
         """One exit index for every block, and its own for the first block's schedule (method.md §12.12)."""
-        g = rng.shared(generator)  # batch-wide: the same on every rank and micro-batch (rng.py)
+        g = generator  # a Draws is the step's shared stream: batch-wide, the same on every rank (rng.py)
         e = int(torch.randint(0, len(self.sigmas), (1,), generator=g))
         e0 = None
         if self.first_sigmas is not None:

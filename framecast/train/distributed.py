@@ -16,7 +16,6 @@ grad_accum W at batch B, and grad_accum 2 at batch B equals batch 2B, up to floa
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 from dataclasses import dataclass, field
@@ -218,11 +217,3 @@ def finite(tensors: Iterable[torch.Tensor], dist: Dist) -> bool:
     ok = all(bool(torch.isfinite(local(v)).all()) for v in tensors if v.is_floating_point())
     return dist.all_true(ok)
 
-
-@contextlib.contextmanager
-def main_only(dist: Dist):
-    """Run the body on rank 0; every rank waits for it at the end."""
-    try:
-        yield dist.main
-    finally:
-        dist.barrier()

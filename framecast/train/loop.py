@@ -58,10 +58,15 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The seed of step (or shard, or item) `step` of a run seeded `seed`."""
+    return seed * 1_000_003 + step
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of step (or shard, or item) `step` of a run seeded `seed`: all its randomness, so a resumed
     run draws exactly what the uninterrupted one would have."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)  # Trainer.draws seeds its shared stream alike
+    return torch.Generator().manual_seed(step_seed(seed, step))
 
 
 class Trainer(Checkpointing):
@@ -181,7 +186,7 @@ class Trainer(Checkpointing):
         t, w = self.cfg.train, self.dist.world
         return Draws.for_samples(t.seed, step, self.dist.sample_range(micro, t.grad_accum, t.batch_size),
                                  global_batch=t.batch_size * t.grad_accum * w,
-                                 shared_seed=t.seed * 1_000_003 + step)  # = step_generator's seed
+                                 shared_seed=step_seed(t.seed, step))
 
     def _accumulate(self, step: int, sums: dict[str, float]) -> list[str]:
         """Backward `train.grad_accum` micro-batches; returns the loss names of the last one. Under torchrun

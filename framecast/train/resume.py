@@ -37,6 +37,10 @@ class Checkpointing:
         out.update({f"obj_{n}": m.state_dict() for n, m in self.extra.items()})
         return out
 
+    def _templates(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Copies of this process's tensors (shards under torchrun) to read a checkpoint into before applying it."""
+        return {k: {n: v.detach().clone() for n, v in sd.items()} for k, sd in self._tensors().items()}
+
     def _trainer_state(self, step: int) -> dict[str, Any]:
         return {"step": step, "ema_live": sorted(self.ema_live),
                 "log_window": {k: list(v) for k, v in self.window.items()}}
@@ -127,7 +131,7 @@ class Checkpointing:
         from .dcp_read import index
 
         stored = set(index(path))
-        templates = {k: {n: v.detach().clone() for n, v in sd.items()} for k, sd in self._tensors().items()}
+        templates = self._templates()
         for n, m in self.roles.items():
             own = {k.split(".", 1)[1] for k in stored if k.startswith(f"optim_{n}.")}
             templates[f"optim_{n}"] = dcp.optimizer_template(m, own)
@@ -142,7 +146,7 @@ class Checkpointing:
     def _read_whole(self, path: Path) -> dict[str, Any]:
         """A one-process (safetensors) checkpoint resumed under torchrun: each rank keeps the rows of its shards of
         the weights, EMAs and AdamW state (in `_read_dcp`'s layout), so a run started on one GPU scales out."""
-        templates = {k: {n: v.detach().clone() for n, v in sd.items()} for k, sd in self._tensors().items()}
+        templates = self._templates()
         for stem, sd in templates.items():
             whole = {k: of_tensor(v) for k, v in ckpt.load_state_dict(path, stem).items()}
             fill(sd, whole, f"checkpoint file {path / f'{stem}.safetensors'}")
