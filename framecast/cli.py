@@ -154,7 +154,8 @@ def _convert(args: argparse.Namespace) -> None:
 def _quickstart(args: argparse.Namespace) -> None:
     from .quickstart import RECIPE, run
 
-    run(RECIPE, args.overrides, out_dir=args.out)
+    scratch = ["use=", "name=quickstart_scratch"] if args.from_scratch else []  # its own runs: other inits
+    run(RECIPE, [*scratch, *args.overrides], out_dir=args.out)
 
 
 def _play(args: argparse.Namespace) -> None:
@@ -201,7 +202,9 @@ def _add_train(sub) -> None:
     q = sub.add_parser("quickstart", help="the main job: the quickstart recipe on the toy, then a streamed sample + "
                        "report")
     q.add_argument("--out", type=FOLDER, default="runs", help="where runs are written")
-    q.add_argument("overrides", nargs="*", help="overrides applied to both stages, e.g. train.threads=2")
+    q.add_argument("--from-scratch", action="store_true", help="train Stage 0 too, instead of starting from the "
+                   "shipped base pretrained:toy-base (minutes more, a much weaker base)")
+    q.add_argument("overrides", nargs="*", help="overrides applied to every stage, e.g. train.threads=2")
     q.set_defaults(fn=_quickstart)
 
 

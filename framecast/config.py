@@ -172,6 +172,8 @@ class TrainConfig:
     weight_decay: float = FINITE_NON_NEGATIVE(0.01)
     grad_clip: float = FINITE_NON_NEGATIVE(10.0)  # 0: no clipping
     warmup: int = NON_NEGATIVE(0)  # linear learning-rate warm-up steps
+    lr_schedule: str = one_of("constant", "cosine")  # after warm-up: constant, or cosine decay to lr * lr_final
+    lr_final: float = PROBABILITY(0.0)  # cosine only: the last step's learning rate as a fraction of lr
     ema_decay: float = DECAY(0.0)  # 0 disables EMA
     ema_start: int = NON_NEGATIVE(0)
     log_every: int = NON_NEGATIVE(10)  # 0 acts as 1
@@ -213,6 +215,7 @@ class RunConfig:
     stage: str = "stage1"  # a name in the stage registry (stages.py): stage0 | stage1 | ode | cd | dmd | ...
     tag: str = ""  # run sub-directory; default the stage name (a recipe can hold e.g. dmd_1step and dmd_2step)
     init: str = ""  # checkpoint directory to initialise the trained network from
+    use: str = ""  # recipes: this stage is not trained but is this existing checkpoint (a path, pretrained:<name>)
     model: ModelConfig = field(default_factory=ModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     data: DataConfig = field(default_factory=DataConfig)

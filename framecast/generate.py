@@ -83,6 +83,8 @@ def describe(path: str | Path) -> tuple[C.ModelConfig, str]:
     try:
         src = ckpt.resolve(path)
     except CheckpointError:
+        if ckpt.pretrained.is_name(path):
+            raise
         fmt = wan.detect(path)
         if fmt in ("framecast", "official"):  # an official release needs its Wan base: load it whole
             raise CheckpointError(f"{path} ({fmt}) cannot be described without loading it; convert it first "
@@ -174,6 +176,8 @@ def load(path: str | Path, *, base: str | Path | None = None, use_ema: bool | No
     try:  # a framecast checkpoint: the newest complete one (train/checkpoint.py scans; the pointer is a hint)
         src = ckpt.resolve(path)
     except CheckpointError:
+        if ckpt.pretrained.is_name(path):  # a shipped model's own error (unknown name, checksum)
+            raise
         fmt = wan.detect(path)  # a Wan folder or release; anything else is one error naming what it found
         if fmt == "framecast":
             raise

@@ -1,8 +1,8 @@
 """`framecast quickstart`: the main job on a laptop CPU.
 
 Runs the stages of `configs/quickstart.yaml` in order -- the full frame-wise 2-step Causal Forcing++
-pipeline: Stage 0 base, Stage 1 AR teacher, Stage 2 causal CD, Stage 3 DMD -- each initialised from the
-previous checkpoint, resumable (re-running continues where it stopped) and health-checked when it ends
+pipeline: Stage 0 base (the shipped `pretrained:toy-base`, or trained here with `--from-scratch`), Stage 1
+AR teacher, Stage 2 causal CD, Stage 3 DMD -- each initialised from the previous checkpoint, resumable (re-running continues where it stopped) and health-checked when it ends
 (eval/health.py). Then it streams a sample from the final model with its KV cache, checks the stream against
 the packed teacher-forcing forward, scores every stage with the toy metrics (eval/toy.py) next to real
 clips, times streaming, and writes `runs/<name>/report.md` with per-stage sample gifs, loss curves, the
@@ -97,8 +97,11 @@ def _write_report(root: Path, results, final: dict, scores: dict, seconds: dict,
              f"checks), {torch.get_num_threads()} torch threads.", ""]
     lines += ["| stage | steps | wall time | last loss | health |", "|---|---|---|---|---|"]
     for r in results:
-        wall = "reused" if r.reused else f"{r.seconds:.0f} s"
         health = r.health.status if r.health is not None else "-"
+        if r.cfg.use:  # an existing model stands in for the stage: nothing trained here
+            lines.append(f"| {r.key} | {r.cfg.use} (not trained here) | - | - | {health} |")
+            continue
+        wall = "reused" if r.reused else f"{r.seconds:.0f} s"
         lines.append(f"| {r.key} | {r.cfg.train.steps} | {wall} | {_last_loss(r.cfg.run_dir)} | {health} |")
     lines += ["", f"## Metrics ({clips} held-out captions, same noise for every stage; eval/toy.py)", "",
               "| | " + " | ".join(c.replace("_", " ") for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
@@ -108,7 +111,9 @@ def _write_report(root: Path, results, final: dict, scores: dict, seconds: dict,
     for r in results:
         rel = r.cfg.run_dir.relative_to(root)
         step = ckpt.read_meta(r.ckpt)["step"]
-        lines += [f"## {r.key}", "", f"![samples]({rel}/samples/step_{step:07d}.gif) ![loss]({rel}/loss.png)", ""]
+        lines += [f"## {r.key}", ""]
+        lines += [f"`{r.cfg.use}`: {r.ckpt}", ""] if r.cfg.use else \
+            [f"![samples]({rel}/samples/step_{step:07d}.gif) ![loss]({rel}/loss.png)", ""]
         if r.health is not None:
             lines += ["```", r.health.summary(), "```", ""]
     lines += ["## Final streamed sample", "", "![final](final.gif)", "",
@@ -123,9 +128,10 @@ def _write_report(root: Path, results, final: dict, scores: dict, seconds: dict,
                   f"**{'match' if ok else 'MISMATCH'}**.", ""]
     path = root / "report.md"
     path.write_text("\n".join(lines))
+    stages = [{"stage": r.key, "steps": 0 if r.cfg.use else r.cfg.train.steps, "use": r.cfg.use,
+               "seconds": r.seconds, "reused": r.reused, "health": r.health.to_json() if r.health else None}
+              for r in results]
     (root / "report.json").write_text(json.dumps(
-        {"seconds": seconds, "stages": [{"stage": r.key, "steps": r.cfg.train.steps, "seconds": r.seconds,
-                                         "reused": r.reused, "health": r.health.to_json() if r.health else None}
-                                        for r in results],
-         "metrics": scores, "final": {k: v for k, v in final.items() if k != "check"}, "check": chk}, indent=1))
+        {"seconds": seconds, "stages": stages, "metrics": scores, "from_scratch": not any(r.cfg.use for r in results),
+         "final": {k: v for k, v in final.items() if k != "check"}, "check": chk}, indent=1))
     return path

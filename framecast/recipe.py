@@ -5,17 +5,15 @@ Each stage writes `runs/<name>/<stage or tag>/` with config.yaml, metrics.jsonl,
 but the checkpoint.
 
 A run folder is written by one process at a time, under its lock (train/lock.py), and only once the config
-has passed every check. A run folder that already holds checkpoints continues only under the settings it
-was trained with: "the same settings" means the same config without runtime-only keys (threads, progress),
-how far to train (train.steps) and where the folder is, comparing the sections every stage reads plus the
-stage's own section (stages.Stage.section), so a knob of another method never blocks it. Other settings are
-refused, naming the keys, unless `allow_change=True` continues an unfinished run under them on purpose; a
-folder holding more steps than train.steps is refused.
+has passed every check; one that already holds checkpoints continues only under the settings it was trained
+with (runs.py says what "the same settings" means).
 
 `run_recipe` runs a recipe's stages in order, each initialised from the previous checkpoint and resumable
 stage by stage: a finished stage with the same settings is reused, an unfinished one continues from its
 newest checkpoint, and a finished one with other settings is an error (never overwritten). Its `--only`
-names and every stage's `@<stage>` references are checked before any stage trains.
+names and every stage's `@<stage>` references are checked before any stage trains. A stage with `use:` is
+not trained: an existing model of its kind stands in for it (`stage0: {use: pretrained:toy-base}`), as a
+pretrained Wan2.1 does for a user's Stage 0.
 """
 
 from __future__ import annotations
@@ -32,21 +30,17 @@ from safetensors.torch import save_file
 
 from . import config as C
 from . import stages as S
-from .errors import CheckpointError
 from .eval.health import Health, check_stage
 from .generate import build_denoiser, sample
 from .media import grid, plot_metrics, write_video
+from .runs import check_resume, finished
 from .schema import differing_keys
 from .spec import SamplingSpec
 from .train import checkpoint as ckpt
 from .train import distributed
 from .train.lock import run_lock
-from .train.sharded_load import load_into, shard_and_load
 from .train.loop import Trainer
-
-METHOD_SECTIONS = ("few_step", "ode", "cd", "dmd")  # read only by the stages that name them
-RUNTIME_KEYS = ("threads", "progress")  # how a run was executed, not what it trained
-DIST_RUNTIME_KEYS = ("reshard_after_forward", "shard_group")  # how shards are laid out: the same numbers
+from .train.sharded_load import load_into, shard_and_load
 
 
 def make_sample_fn(cfg: C.RunConfig, spec: SamplingSpec, source, codec, *, write: bool = True):
@@ -119,96 +113,6 @@ def train_stage(cfg: C.RunConfig, *, allow_change: bool = False) -> Path:
 # What a run folder already holds, against the settings it is run with again (architecture.md §5)
 # ------------------------------------------------------------------------------------------------
 
-LOCATION_KEYS = ("name", "out_dir", "tag")  # where the run folder is, not what it trained
-FIXED_KEYS = ("model.", "stage")  # a run resumed under another network or stage kind is refused even if allowed
-
-
-def identity(cfg: C.RunConfig, world: int = 1) -> dict[str, Any]:
-    """What makes two runs of a stage the same run: its config without runtime keys and other methods' knobs.
-
-    The batch is the global one: batch_size x grad_accum x `world` (the ranks of a torchrun job) draws the same
-    numbers however it is split (rng.py), so a run resumes at another world size with the same global batch."""
-    st = S.get(cfg.stage)
-    d = C.to_dict(cfg)
-    keep = {st.section} | ({"few_step"} if st.few_step else set())
-    d = {k: v for k, v in d.items() if k not in METHOD_SECTIONS or k in keep}
-    d["train"] = {k: v for k, v in d["train"].items() if k not in RUNTIME_KEYS + ("batch_size", "grad_accum")}
-    d["train"]["global_batch"] = cfg.train.batch_size * cfg.train.grad_accum * world
-    d["dist"] = {k: v for k, v in d["dist"].items() if k not in DIST_RUNTIME_KEYS}
-    return d
-
-
-def changed_keys(saved: C.RunConfig, cfg: C.RunConfig, saved_world: int = 1) -> list[str]:
-    """The dotted keys whose settings differ between a run's stored config and `cfg`; train.steps (how far to
-    train) and the folder's location are not settings of what was trained."""
-    a, b = identity(saved, saved_world), identity(cfg, distributed.world_size())
-    for d in (a, b):
-        for k in LOCATION_KEYS:
-            d.pop(k, None)
-        d["train"].pop("steps", None)
-    diff = differing_keys(a, b)
-    if "train.global_batch" in diff:  # name what the user changed: the per-rank batch, accumulation or world size
-        i = diff.index("train.global_batch")
-        diff[i:i + 1] = [f"train.{k}" for k in ("batch_size", "grad_accum")
-                         if getattr(saved.train, k) != getattr(cfg.train, k)] or \
-            [f"the world size ({saved_world} -> {distributed.world_size()} processes)"]
-    return diff
-
-
-def stored_run(cfg: C.RunConfig) -> tuple[Path, int, list[str]] | None:
-    """(newest checkpoint, its step, `changed_keys` against `cfg`) of `cfg`'s run folder; None for a new run."""
-    root = cfg.run_dir / "ckpt"
-    last = ckpt.latest(root) if root.is_dir() else None  # scans step_*: the pointer is only a hint
-    if last is None:
-        return None
-    meta = ckpt.read_meta(last)
-    try:
-        saved = S.normalise(C.from_dict(C.upgrade(meta.get("config", {}))), stored=True)
-    except C.ConfigError as e:
-        raise CheckpointError(f"{last} holds a config this framecast cannot read ({e})") from None
-    step = meta.get("step", 0)
-    if step > cfg.train.steps:  # training on would write samples and logs of step train.steps from later weights
-        raise CheckpointError(f"{cfg.run_dir} holds a run of {step} steps, more than train.steps="
-                              f"{cfg.train.steps}; use another name= or move it away")
-    return last, step, changed_keys(saved, S.normalise(cfg), int(meta.get("world_size", 1)))
-
-
-def _keys(diff: list[str]) -> str:
-    return ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
-
-
-def finished(cfg: C.RunConfig, found: tuple[Path, int, list[str]] | None = None) -> Path | None:
-    """The final checkpoint of a finished run with these settings; an error if it was made otherwise.
-    `found`: `stored_run(cfg)` when the caller has already read it."""
-    found = stored_run(cfg) if found is None else found
-    if found is None or found[1] != cfg.train.steps:
-        return None  # new or unfinished: train_stage checks what it resumes (check_resume)
-    last, _, diff = found
-    if diff:
-        raise CheckpointError(f"{cfg.run_dir} already holds a finished run with other settings ({_keys(diff)}); "
-                              f"use another name= or move it away")
-    return last
-
-
-def check_resume(cfg: C.RunConfig, *, allow_change: bool = False) -> None:
-    """Refuse to continue a run under settings other than those it was trained with (a mixed run).
-
-    `allow_change`: continue an unfinished run under changed settings on purpose (a lower train.lr, say);
-    its model and stage kind can never change, and a finished run has nothing left to continue."""
-    found = stored_run(cfg)  # the run folder is read once
-    if found is None or finished(cfg, found) is not None:
-        return  # a new run, or finished with these settings: the trainer has nothing to do
-    last, step, diff = found
-    fixed = [k for k in diff if k.startswith(FIXED_KEYS)]
-    if fixed:
-        raise CheckpointError(f"{last} was trained with a different model config or stage ({_keys(fixed)}); use "
-                              f"another run name (name=...) instead of resuming it")
-    if diff and not allow_change:
-        raise CheckpointError(f"{cfg.run_dir} holds a run trained {step} steps with other settings ({_keys(diff)}); "
-                              f"resuming it would mix them: use another name=, or allow the change on purpose "
-                              f"(--allow-config-change; allow_change=True)")
-    if diff:
-        print(f"== {cfg.run_dir}: resuming at step {step} with changed settings: {_keys(diff)}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,6 +129,12 @@ class StageResult:
     reused: bool
     health: Health | None = None
 
+    @property
+    def ref(self) -> str:
+        """How later stages name this one: the `use:` name of a stage that is an existing model (so that their
+        identity does not depend on where the package lives), else the checkpoint's path."""
+        return self.cfg.use or str(self.ckpt)
+
 
 def resolve_refs(cfg: C.RunConfig, done: dict[str, StageResult], key: str) -> C.RunConfig:
     """Fill `@<stage>` references and the usual defaults from the stages already run.
@@ -234,10 +144,10 @@ def resolve_refs(cfg: C.RunConfig, done: dict[str, StageResult], key: str) -> C.
     """
     def last(kind: str) -> str:
         found = [r for r in done.values() if r.cfg.stage == kind]
-        return str(found[-1].ckpt) if found else ""
+        return found[-1].ref if found else ""
 
     st = S.get(cfg.stage)
-    refs = {"init": (cfg.init, str(list(done.values())[-1].ckpt) if cfg.stage != "stage0" and done else "")}
+    refs = {"init": (cfg.init, list(done.values())[-1].ref if cfg.stage != "stage0" and done else "")}
     for role in st.roles:
         refs[role.key] = (S.role_path(cfg, role), last(role.default(cfg)))
     update: dict[str, Any] = {}
@@ -246,7 +156,7 @@ def resolve_refs(cfg: C.RunConfig, done: dict[str, StageResult], key: str) -> C.
             if v[1:] not in done:
                 raise C.ConfigError(f"stage {key!r}: {ref}={v!r} names no earlier stage of this recipe "
                                     f"(have {sorted(done)})")
-            v = str(done[v[1:]].ckpt)
+            v = done[v[1:]].ref
         elif not v:
             v = default
         section, _, name = ref.rpartition(".")
@@ -319,6 +229,11 @@ def run_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     for key, cfg in zip(keys[:stop], recipe.stages[:stop]):
         cfg = resolve_refs(cfg, done, key)
         t0 = time.perf_counter()
+        if cfg.use:  # an existing model stands in for this stage (e.g. stage0: {use: pretrained:toy-base})
+            done[key] = used_stage(cfg, key)
+            if health_clips and dist.main:
+                done[key].health = stage_health(done[key], health_clips)
+            continue
         found = finished(cfg)
         if found is None and only is not None and key not in only:
             raise C.ConfigError(f"stage {key!r} is not finished and not among --only {only}")
@@ -336,6 +251,23 @@ def run_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     return list(done.values())
 
 
+def used_stage(cfg: C.RunConfig, key: str) -> StageResult:
+    """The StageResult of a stage that is the existing checkpoint `cfg.use`: refused unless it is a model of
+    the stage's kind (generator mode) and the recipe's network, since later stages build on both."""
+    src = ckpt.resolve(cfg.use)
+    meta = ckpt.read_meta(src)
+    stored = S.normalise(C.from_dict(C.upgrade(meta.get("config", {}))), stored=True)
+    if S.mode_of(stored) != S.mode_of(cfg):
+        raise C.ConfigError(f"stage {key!r}: use={cfg.use!r} is a {S.mode_of(stored)} model; the stage is "
+                            f"{S.mode_of(cfg)}")
+    diff = differing_keys(C.to_dict(stored.model), C.to_dict(cfg.model))
+    if diff:
+        raise C.ConfigError(f"stage {key!r}: use={cfg.use!r} has another network than the recipe's model "
+                            f"(model.{', model.'.join(diff[:6])}); set the recipe's model to the checkpoint's")
+    print(f"== {key}: using {cfg.use} ({src})", flush=True)
+    return StageResult(key, cfg, src, 0.0, True)
+
+
 def stage_health(result: StageResult, clips: int = 16) -> Health:
     """The stage's health verdict (eval/health.py), computed once and kept in `<run>/health.json`."""
     path = result.cfg.run_dir / "health.json"
@@ -345,6 +277,6 @@ def stage_health(result: StageResult, clips: int = 16) -> Health:
     else:
         st = S.get(result.cfg.stage)
         h = check_stage(result.cfg.run_dir, result.ckpt, st.loss_rule, init=result.cfg.init,
-                        compare_init=st.few_step, data=result.cfg.data.name, clips=clips)
+                        compare_init=st.few_step, data=result.cfg.data.name, clips=clips, losses=not result.cfg.use)
     print(h.summary(), flush=True)
     return h

@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parents[1] / "framecast"
 # Top-level units of framecast, lowest first; a unit may import units of strictly lower layers (and itself).
 LAYERS = [
     ["errors", "files"],
-    ["schema"],
+    ["schema", "pretrained"],
     ["config_upgrade", "rng"],
     ["config", "flow"],
     ["spec"],
@@ -27,6 +27,7 @@ LAYERS = [
     ["media", "generate"],
     ["objectives", "eval", "stream"],
     ["play", "stages"],
+    ["runs"],
     ["recipe"],
     ["quickstart", "bench", "plan"],
     ["cli_data"],

@@ -96,3 +96,39 @@ def test_world_model_recipes_are_action_conditioned_frame_wise_pipelines(env, si
     # 64x64 Breakout keeps the MiniGrid student's token count: patch 8 instead of 4
     tokens = (size // r.stages[0].model.patch_size[1]) ** 2
     assert tokens == 64
+
+
+def test_use_stage_stands_in_for_a_trained_one(tmp_path):
+    """`stage0: {use: <checkpoint>}` trains nothing: later stages start from that checkpoint and name it as
+    written (so their identity does not depend on where it lives), its health is sample-only, and clearing it
+    (`use=`) trains the stage as usual. A checkpoint of another network or generator mode is refused."""
+    from framecast.recipe import run_recipe
+    from framecast.train import checkpoint as ckpt
+
+    tiny = CONFIGS / "tiny.yaml"
+    r0 = run_recipe(_write(tmp_path / "b.yaml", f"name: b\nbase: {tiny}\nstages: {{stage0: {{train: {{steps: 2}}}}}}"),
+                    ["train.progress=false"], out_dir=str(tmp_path / "runs"), health_clips=0)
+    base = str(r0[0].ckpt)
+    recipe = _write(tmp_path / "r.yaml", f"name: r\nbase: {tiny}\nstages: {{stage0: {{use: {base}}}, "
+                                         f"stage1: {{train: {{steps: 2}}}}}}")
+    done = run_recipe(recipe, ["train.progress=false"], out_dir=str(tmp_path / "runs"), health_clips=2)
+    assert done[0].reused and done[0].ckpt == ckpt.resolve(base) and done[0].ref == base
+    assert not (tmp_path / "runs" / "r" / "stage0" / "ckpt").exists()  # nothing trained there
+    assert [c.name for c in done[0].health.checks] == ["not noise", "objects present", "moves"]  # no loss log
+    assert ckpt.read_meta(done[1].ckpt)["config"]["init"] == base
+    scratch = run_recipe(recipe, ["train.progress=false", "use=", "name=r2"], out_dir=str(tmp_path / "runs"),
+                         health_clips=0)
+    assert not scratch[0].reused and (tmp_path / "runs" / "r2" / "stage0" / "ckpt").is_dir()
+    other = _write(tmp_path / "o.yaml", f"name: o\nbase: {tiny}\nstages: {{stage0: {{use: {base}, model: "
+                                        f"{{num_layers: 3}}}}}}")
+    with pytest.raises(C.ConfigError, match=r"another network .*model.num_layers"):
+        run_recipe(other, ["train.progress=false"], out_dir=str(tmp_path / "runs"), health_clips=0)
+    causal = str(done[1].ckpt)
+    wrong = _write(tmp_path / "w.yaml", f"name: w\nbase: {tiny}\nstages: {{stage0: {{use: {causal}}}}}")
+    with pytest.raises(C.ConfigError, match="is a teacher_forcing model; the stage is bidirectional"):
+        run_recipe(wrong, ["train.progress=false"], out_dir=str(tmp_path / "runs"), health_clips=0)
+
+
+def _write(path, text):
+    path.write_text(text + "\n")
+    return path

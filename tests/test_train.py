@@ -174,3 +174,34 @@ def test_a_run_directory_is_trained_by_one_process_at_a_time(tmp_path):
     (tmp_path / ".lock").write_text(dead.stdout.strip())  # a lock left by a process that has exited
     with run_lock(tmp_path):
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
+def test_cosine_learning_rate_schedule(tmp_path):
+    """train.lr_schedule=cosine: linear warm-up, then a half cosine from lr to lr * lr_final at the last step;
+    the optimiser really runs it, and a resumed run continues the same curve (the schedule is a function of
+    the step only)."""
+    import math
+
+    from framecast.train.loop import lr_scale
+
+    assert [lr_scale(s, 100, 10) for s in (0, 4, 9, 50, 99)] == [0.1, 0.5, 1.0, 1.0, 1.0]  # constant
+    assert lr_scale(9, 100, 10, "cosine", 0.1) == 1.0 and lr_scale(10, 100, 10, "cosine", 0.1) == 1.0
+    assert lr_scale(99, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
+    mid = 10 + (99 - 10) / 2
+    assert lr_scale(int(mid), 100, 10, "cosine", 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * int(mid - 10) / 89)))
+    vals = [lr_scale(s, 100, 10, "cosine", 0.0) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))  # monotone after warm-up
+    with pytest.raises(C.ConfigError, match="train.lr_schedule"):
+        C.load(TINY, ["train.lr_schedule=linear"])
+    ov = [f"out_dir={tmp_path}", "train.steps=6", "train.lr_schedule=cosine", "train.lr_final=0.25", "train.warmup=0"]
+    cos = train_stage(C.load(TINY, ov + ["name=a"]))
+    const = train_stage(C.load(TINY, ov + ["name=b", "train.lr_schedule=constant"]))
+    from framecast.recipe import finished
+    from framecast.train import checkpoint as ck
+
+    a, b = ck.load_state_dict(cos, "model"), ck.load_state_dict(const, "model")
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # the schedule reached the optimiser
+    # train.steps sets a cosine curve, so a finished cosine run is not silently continued further
+    with pytest.raises(ckpt.CheckpointError, match="train.steps"):
+        train_stage(C.load(TINY, ov + ["name=a", "train.steps=8"]))
+    assert finished(C.load(TINY, ov + ["name=b", "train.lr_schedule=constant", "train.steps=8"])) is None

@@ -138,20 +138,22 @@ def sample_metrics(ckpt_dir: str | Path, clips: int = 16, seed: int = 0) -> dict
 
 
 def check_stage(run_dir: str | Path, ckpt_dir: str | Path, rule: LossRule, *, init: str = "",
-                compare_init: bool = False, data: str = "shapes", clips: int = 16) -> Health:
+                compare_init: bool = False, data: str = "shapes", clips: int = 16, losses: bool = True) -> Health:
     """Health of a finished stage; writes `<run_dir>/health.json` and returns it.
 
-    `compare_init`: a distilled stage is also compared with its init's health (a regression is a WARN)."""
+    `compare_init`: a distilled stage is also compared with its init's health (a regression is a WARN).
+    `losses=False`: a stage that is an existing model (recipe `use:`) has no loss log of its own to check."""
     run_dir = Path(run_dir)
-    rows = read_log(run_dir)
-    h = Health(run_dir.name, loss_checks(rows, rule, from_scratch=not init), checkpoint=str(ckpt_dir))
+    checks = loss_checks(read_log(run_dir), rule, from_scratch=not init) if losses else []
+    h = Health(run_dir.name, checks, checkpoint=str(ckpt_dir))
     if data == "shapes":
         h.metrics = sample_metrics(ckpt_dir, clips)
         init_metrics = None
-        if init and compare_init:
+        if init and compare_init and not init.startswith("pretrained:"):
             init_run = Path(init).parents[1]  # <run>/ckpt/step_N -> <run>
             prev = init_run / "health.json"
             init_metrics = json.loads(prev.read_text())["metrics"] if prev.exists() else None
         h.checks += sample_checks(h.metrics, init_metrics)
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "health.json").write_text(json.dumps(h.to_json(), indent=1))
     return h

@@ -91,7 +91,7 @@ def plan(cfgs: list[C.RunConfig] | C.Recipe, *, gpus: int, gpu_memory_gib: float
          roles: dict[str, str] | None = None) -> list[StagePlanRow]:
     """One row per stage of a recipe (or list of run configs) at `gpus` ranks; `roles` maps a role key (dmd.real,
     dmd.critic, cd.teacher, ode.teacher, or model: the trained one) to the preset or Wan folder it is planned as."""
-    stages = cfgs.stages if isinstance(cfgs, C.Recipe) else list(cfgs)
+    stages = [c for c in (cfgs.stages if isinstance(cfgs, C.Recipe) else cfgs) if not c.use]  # `use:` trains nothing
     keys = {"model"} | {r.key for c in stages for r in S.get(c.stage).roles}
     unknown = sorted(set(roles or {}) - keys)
     if unknown:

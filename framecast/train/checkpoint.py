@@ -55,6 +55,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..files import fsync_dir, fsync_file  # noqa: F401  (re-exported: ckpt.fsync_file)
+from .. import pretrained
 from . import dcp_read
 from .dcp_read import CorruptCheckpoint  # noqa: F401  (re-exported)
 
@@ -258,7 +259,10 @@ def latest(root: str | Path) -> Path | None:
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint dir, a `ckpt/` root (-> its newest complete checkpoint) or a run-stage dir (-> ckpt/'s)."""
+    """A checkpoint dir, a `ckpt/` root (-> its newest complete checkpoint), a run-stage dir (-> ckpt/'s) or a
+    shipped model's name, `pretrained:<name>` (framecast/pretrained, checksum-verified)."""
+    if pretrained.is_name(path):
+        return pretrained.resolve(path)
     p = Path(path)
     if (p / META).is_file():
         return p

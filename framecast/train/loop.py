@@ -69,6 +69,21 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(step_seed(seed, step))
 
 
+def lr_scale(step: int, steps: int, warmup: int, schedule: str = "constant", final: float = 0.0) -> float:
+    """The learning rate of 0-based `step` as a fraction of train.lr: linear warm-up over `warmup` steps, then
+    constant or a half cosine from 1 at the end of warm-up to `final` at the last step (Loshchilov & Hutter 2017,
+    SGDR, without restarts). A pure function of the step, so a resumed run continues the same curve."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ConfigError(f"unknown train.lr_schedule {schedule!r}; choose constant or cosine")
+    span = max(1, steps - 1 - warmup)
+    progress = min(1.0, max(0.0, (step - warmup) / span))
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 class Trainer(Checkpointing):
     def __init__(self, cfg: RunConfig, objective, source, *, run_dir: str | Path, meta: dict[str, Any],
                  sample_fn: Callable[[int, dict[str, nn.Module], Path], None] | None = None,
@@ -118,8 +133,8 @@ class Trainer(Checkpointing):
         return contextlib.nullcontext()
 
     def _set_lr(self, step: int) -> None:
-        warm = self.cfg.train.warmup
-        scale = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+        t = self.cfg.train
+        scale = lr_scale(step, t.steps, t.warmup, t.lr_schedule, t.lr_final)
         for n, opt in self.optimizers.items():
             for g in opt.param_groups:
                 g["lr"] = self.base_lr[n] * scale

@@ -76,6 +76,8 @@ def load_into(module: nn.Module, path: str | Path, dist: Dist) -> str:
     try:
         src = ckpt.resolve(path)
     except CheckpointError:
+        if ckpt.pretrained.is_name(path):  # a shipped model's own error (unknown name, checksum), not a Wan path
+            raise
         src = None
     if src is None:  # a Wan folder or release (models/wan.py reads it lazily, with its key tables)
         from ..models import wan

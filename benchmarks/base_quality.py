@@ -1,0 +1,57 @@
+"""Score bidirectional toy bases on held-out captions: the numbers behind docs/results.md's base ablations.
+
+    python benchmarks/base_quality.py runs/abl/*/stage0 --clips 32 --steps 48 --out /tmp/abl.json
+
+Each checkpoint samples the same held-out captions (data seed + 1, as `framecast bench toy` uses) with the
+same noise seed, `--steps` Euler steps and the checkpoint's own CFG, and is scored by eval/toy.py. One JSON
+line per checkpoint: fidelity, consistency, dynamic, smoothness, instruction, and the seconds it took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from framecast.eval import toy as T
+from framecast.generate import load
+
+
+def score(ckpt: str, clips: int, steps: int, seed: int = 1000, guidance: float | None = None) -> dict:
+    lm = load(ckpt)
+    d = lm.spec
+    _, h, w = d.pixel_shape
+    _, captions = T.real_clips(clips, d.num_frames, h, w, seed=1)
+    t = time.perf_counter()
+    kw = {"guidance": guidance} if guidance is not None else {}
+    video = torch.cat([lm.sample(captions[i:i + 32], num_frames=d.num_frames, seed=seed + i, steps=steps, **kw)
+                       for i in range(0, clips, 32)])
+    row = {"ckpt": ckpt, "clips": clips, "steps": steps, **T.clip_metrics(video, captions),
+           "seconds": round(time.perf_counter() - t, 1)}
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("ckpts", nargs="+")
+    p.add_argument("--clips", type=int, default=32)
+    p.add_argument("--steps", type=int, default=48)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    for c in a.ckpts:
+        row = score(c, a.clips, a.steps, guidance=a.guidance)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        if a.out:
+            with Path(a.out).open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

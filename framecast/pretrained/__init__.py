@@ -1,0 +1,73 @@
+"""Models trained by this project and shipped inside the package, loadable by name: `pretrained:<name>`.
+
+Anywhere a checkpoint path is accepted (`init=`, `dmd.real=`, `cd.teacher=`, `framecast sample`, `play --ckpt`)
+`pretrained:toy-base` names the folder `framecast/pretrained/toy-base/`: one framecast checkpoint (written by
+`framecast convert`: safetensors weights, meta.json with its config and sampling spec) and `manifest.json`
+(the recipe and command that trained it, the measured scores, the file's SHA-256). The registry below holds
+the SHA-256 of every shipped weight file; resolving a name checks it, so a truncated or replaced file is one
+error naming the file instead of a model that samples garbage (tests/test_pretrained.py checks it too).
+
+How each model was made, and its scores: docs/results.md ("The pretrained toy base").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..errors import CheckpointError
+
+PREFIX = "pretrained:"
+ROOT = Path(__file__).resolve().parent
+WEIGHTS = "model.safetensors"
+
+# name -> SHA-256 of its weights (ckpt/step_0000000/model.safetensors); update it with the file, never alone
+REGISTRY: dict[str, str] = {}
+
+_verified: set[str] = set()
+
+
+def is_name(path: str | Path) -> bool:
+    return isinstance(path, str) and path.startswith(PREFIX)
+
+
+def folder(name: str) -> Path:
+    """The shipped folder of `name` (without the prefix); unknown names are one error listing the known ones."""
+    if name not in REGISTRY:
+        raise CheckpointError(f"no shipped model named {PREFIX}{name}; shipped: "
+                              f"{', '.join(PREFIX + n for n in sorted(REGISTRY)) or 'none'}")
+    return ROOT / name
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_file(name: str) -> Path:
+    return folder(name) / "ckpt" / "step_0000000" / WEIGHTS
+
+
+def resolve(path: str) -> Path:
+    """`pretrained:<name>` -> its checkpoint folder, after checking the weights' SHA-256 (once per process)."""
+    name = path[len(PREFIX):]
+    w = weights_file(name)
+    if name not in _verified:
+        if not w.is_file():
+            raise CheckpointError(f"{PREFIX}{name}: its weights {w} are missing (a broken install? reinstall "
+                                  f"framecast, or check out the repository's file again)")
+        got = sha256(w)
+        if got != REGISTRY[name]:
+            raise CheckpointError(f"{PREFIX}{name}: {w} has SHA-256 {got[:16]}..., the registry expects "
+                                  f"{REGISTRY[name][:16]}...: the file is corrupt or was replaced")
+        _verified.add(name)
+    return w.parent
+
+
+def manifest(name: str) -> dict:
+    """How `name` was trained and what it scored (its manifest.json)."""
+    return json.loads((folder(name) / "manifest.json").read_text())

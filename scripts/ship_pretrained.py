@@ -1,0 +1,55 @@
+"""Package a trained run as a shipped model, `framecast/pretrained/<name>/` (framecast/pretrained/__init__.py).
+
+    python scripts/ship_pretrained.py toy-base --run runs/toy_base/stage0 --recipe configs/toy_base.yaml \
+        --command "framecast pipeline --recipe configs/toy_base.yaml train.threads=2" --scores base_scores.json
+
+Writes the run's EMA weights as one framecast checkpoint (`framecast convert`), then `manifest.json`: the recipe
+and command that trained it, its steps and parameters, the scores measured on held-out captions (a JSON line of
+benchmarks/base_quality.py), the file's SHA-256 and size. Prints the registry line to put in
+framecast/pretrained/__init__.py; the shipped folder is never overwritten (move the old one away first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+from framecast import pretrained
+from framecast.generate import convert
+from framecast.train import checkpoint as ckpt
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("name")
+    p.add_argument("--run", required=True, help="the trained run (a run-stage folder or a checkpoint)")
+    p.add_argument("--recipe", required=True, help="the recipe that trained it (copied into the manifest)")
+    p.add_argument("--command", required=True, help="the command that trained it")
+    p.add_argument("--scores", required=True, help="a JSONL file whose last line holds the model's scores")
+    p.add_argument("--root", default=str(pretrained.ROOT))
+    a = p.parse_args()
+    out = Path(a.root) / a.name
+    src = ckpt.resolve(a.run)
+    meta = ckpt.read_meta(src)
+    saved = convert(src, out, use_ema=None)  # EMA weights when the run kept them (convert refuses an existing out)
+    w = saved / pretrained.WEIGHTS
+    digest = pretrained.sha256(w)
+    scores = json.loads(Path(a.scores).read_text().strip().splitlines()[-1])
+    params = sum(t.numel() for t in ckpt.load_state_dict(saved, "model").values())
+    manifest = {
+        "name": a.name, "stage": meta["stage"], "steps": meta["step"], "parameters": params,
+        "trained_from": str(src), "weights": "ema_model" if "model" in meta.get("ema", []) else "model",
+        "recipe": Path(a.recipe).as_posix(), "recipe_text": Path(a.recipe).read_text(), "command": a.command,
+        "scores": scores, "sha256": digest, "bytes": w.stat().st_size,
+        "made": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.system()}",
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    print(f"{out}: {w.stat().st_size / 1e6:.1f} MB")
+    print(f'registry line for framecast/pretrained/__init__.py:\n    "{a.name}": "{digest}",')
+
+
+if __name__ == "__main__":
+    main()
