@@ -18,9 +18,11 @@ import torch
 
 from framecast.eval import toy as T
 from framecast.generate import load
+from framecast.media import labelled_rows
 
 
-def score(ckpt: str, clips: int, steps: int, seed: int = 1000, guidance: float | None = None) -> dict:
+def score(ckpt: str, clips: int, steps: int, seed: int = 1000, guidance: float | None = None,
+          gif: str = "") -> dict:
     lm = load(ckpt)
     d = lm.spec
     _, h, w = d.pixel_shape
@@ -29,6 +31,9 @@ def score(ckpt: str, clips: int, steps: int, seed: int = 1000, guidance: float |
     kw = {"guidance": guidance} if guidance is not None else {}
     video = torch.cat([lm.sample(captions[i:i + 32], num_frames=d.num_frames, seed=seed + i, steps=steps, **kw)
                        for i in range(0, clips, 32)])
+    if gif:  # the first 6 held-out captions: real clips above, the model's below
+        real, _ = T.real_clips(clips, d.num_frames, h, w, seed=1)
+        labelled_rows([("real clips", real[:6]), (f"{Path(ckpt).name}\n{steps} steps", video[:6])], gif, fps=6)
     row = {"ckpt": ckpt, "clips": clips, "steps": steps, **T.clip_metrics(video, captions),
            "seconds": round(time.perf_counter() - t, 1)}
     return row
@@ -41,12 +46,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", default="")
+    p.add_argument("--out", default="", help="append each JSON line to this file")
+    p.add_argument("--gif", default="", help="write real clips and the (last) model's samples of 6 captions here")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     for c in a.ckpts:
-        row = score(c, a.clips, a.steps, guidance=a.guidance)
+        row = score(c, a.clips, a.steps, guidance=a.guidance, gif=a.gif if c == a.ckpts[-1] else "")
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         if a.out:
             with Path(a.out).open("a") as f:

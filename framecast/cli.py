@@ -139,9 +139,11 @@ def _write_sample(video, out: Path, fps: int, save_tensor: bool) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
+    from . import pretrained
     from .models import wan
 
-    print(wan.format_inspect(wan.inspect(args.path)))
+    path = pretrained.resolve(args.path) if pretrained.is_name(args.path) else args.path
+    print(wan.format_inspect(wan.inspect(path)))
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -213,8 +215,9 @@ def _add_sample(sub) -> None:
 
     s = sub.add_parser("sample", help="sample a video from a model (framecast checkpoint, Wan2.1 folder, CF/SF .pt)")
     s.add_argument("--model", "--ckpt", dest="model", required=True,
-                   help="a framecast checkpoint (dir, ckpt/ root or run-stage dir), a Wan2.1 folder (diffusers or "
-                        "original layout) or an official Causal Forcing / Self Forcing / CausVid model.pt")
+                   help="a framecast checkpoint (dir, ckpt/ root or run-stage dir; pretrained:<name> for a shipped "
+                        "one), a Wan2.1 folder (diffusers or original layout) or an official Causal Forcing / Self "
+                        "Forcing / CausVid model.pt")
     s.add_argument("--base", default=None, help="the Wan2.1 folder a model.pt (or converted checkpoint) builds on")
     s.add_argument("--preset", default=None, help="sampling preset of an official .pt (docs/wan.md)")
     s.add_argument("--negative-prompt", default=None, help="CFG's null prompt (default: the model's)")

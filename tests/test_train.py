@@ -205,3 +205,20 @@ def test_cosine_learning_rate_schedule(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="train.steps"):
         train_stage(C.load(TINY, ov + ["name=a", "train.steps=8"]))
     assert finished(C.load(TINY, ov + ["name=b", "train.lr_schedule=constant", "train.steps=8"])) is None
+
+
+def test_quickstart_starts_from_the_shipped_base_unless_from_scratch(monkeypatch):
+    """The quickstart recipe's Stage 0 is the shipped base; --from-scratch clears `use:` (so Stage 0 trains with
+    the recipe's settings) under another run name, so the two never mix their runs."""
+    import framecast.quickstart as Q
+
+    r = C.load_recipe(Q.RECIPE)
+    assert r.stages[0].stage == "stage0" and r.stages[0].use == "pretrained:toy-base"
+    seen = []
+    monkeypatch.setattr(Q, "run", lambda recipe, overrides, **kw: seen.append(list(overrides)))
+    assert main(["quickstart", "train.threads=1"]) == 0
+    assert main(["quickstart", "--from-scratch", "train.threads=1"]) == 0
+    assert seen == [["train.threads=1"], ["use=", "name=quickstart_scratch", "train.threads=1"]]
+    scratch = C.load_recipe(Q.RECIPE, seen[1])
+    assert scratch.stages[0].use == "" and scratch.stages[0].train.steps == 750
+    assert {c.name for c in scratch.stages} == {"quickstart_scratch"}

@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parent
 WEIGHTS = "model.safetensors"
 
 # name -> SHA-256 of its weights (ckpt/step_0000000/model.safetensors); update it with the file, never alone
-REGISTRY: dict[str, str] = {}
+REGISTRY: dict[str, str] = {
+    "toy-base": "ad4cb62436f3a7e1883c45a3ac6e763ee64f97f17df5f1507f95427fcc6df00f",
+}
 
 _verified: set[str] = set()
 

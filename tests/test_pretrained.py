@@ -1,0 +1,83 @@
+"""The models shipped in framecast/pretrained: checksums, loading by name, and the errors around them.
+
+The checksum test fails when a weight file changes without its registry entry (or the other way round); the
+load test samples the shipped toy base and scores it, so a broken file, config or spec cannot ship silently.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from framecast import pretrained
+from framecast.errors import CheckpointError
+from framecast.generate import load
+from framecast.train import checkpoint as ckpt
+
+SHIPPED = sorted(pretrained.REGISTRY)
+
+
+def test_something_is_shipped():
+    assert "toy-base" in SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_checksum_matches_registry(name):
+    w = pretrained.weights_file(name)
+    assert w.is_file(), w
+    assert pretrained.sha256(w) == pretrained.REGISTRY[name]
+    man = pretrained.manifest(name)
+    assert man["sha256"] == pretrained.REGISTRY[name], "manifest.json and the registry disagree"
+    assert w.stat().st_size < 20e6, "a shipped model adds at most ~20 MB to the repository"
+    for key in ("recipe", "command", "steps", "scores", "parameters"):
+        assert key in man, f"manifest.json of {name} lacks {key!r}"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_resolves_and_reads_metadata(name):
+    src = ckpt.resolve(f"pretrained:{name}")
+    meta = ckpt.read_meta(src)
+    assert meta["stage"] == pretrained.manifest(name)["stage"]
+
+
+def test_toy_base_loads_and_samples(one_thread):
+    from framecast.eval import toy as T
+
+    m = load("pretrained:toy-base")
+    assert m.spec.mode == "bidirectional" and m.spec.guidance > 1
+    _, h, w = m.spec.pixel_shape
+    _, captions = T.real_clips(4, m.spec.num_frames, h, w, seed=1)
+    video = m.sample(captions, seed=0, steps=12)  # [B, F, C, H, W] in [-1, 1]
+    assert video.shape == (4, m.spec.num_frames, *m.spec.pixel_shape)
+    assert torch.isfinite(video).all()
+    # a trained base draws objects: most frames hold a recognised sprite even at 12 steps (noise holds none)
+    assert T.clip_metrics(video, captions)["recognised"] > 0.5
+
+
+def test_unknown_name_lists_the_shipped_ones():
+    with pytest.raises(CheckpointError, match="no shipped model named pretrained:nope; shipped: .*toy-base"):
+        ckpt.resolve("pretrained:nope")
+    with pytest.raises(CheckpointError, match="no shipped model"):
+        load("pretrained:nope")
+
+
+def test_corrupt_weights_are_one_clear_error(tmp_path, monkeypatch):
+    """A copy of the shipped folder with one flipped byte is refused by its checksum; the original is untouched."""
+    shutil.copytree(pretrained.ROOT / "toy-base", tmp_path / "toy-base")
+    monkeypatch.setattr(pretrained, "ROOT", tmp_path)
+    monkeypatch.setattr(pretrained, "_verified", set())
+    w = pretrained.weights_file("toy-base")
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt or was replaced"):
+        ckpt.resolve("pretrained:toy-base")
+    with pytest.raises(CheckpointError, match="corrupt or was replaced"):
+        load("pretrained:toy-base")
+    w.unlink()
+    with pytest.raises(CheckpointError, match="weights .* are missing"):
+        ckpt.resolve("pretrained:toy-base")
+    json.loads((tmp_path / "toy-base" / "manifest.json").read_text())  # the manifest itself is still readable
