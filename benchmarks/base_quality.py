@@ -26,13 +26,12 @@ def score(ckpt: str, clips: int, steps: int, seed: int = 1000, guidance: float |
     lm = load(ckpt)
     d = lm.spec
     _, h, w = d.pixel_shape
-    _, captions = T.real_clips(clips, d.num_frames, h, w, seed=1)
+    real, captions = T.real_clips(clips, d.num_frames, h, w, seed=1)
     t = time.perf_counter()
     kw = {"guidance": guidance} if guidance is not None else {}
     video = torch.cat([lm.sample(captions[i:i + 32], num_frames=d.num_frames, seed=seed + i, steps=steps, **kw)
                        for i in range(0, clips, 32)])
     if gif:  # the first 6 held-out captions: real clips above, the model's below
-        real, _ = T.real_clips(clips, d.num_frames, h, w, seed=1)
         labelled_rows([("real clips", real[:6]), (f"{Path(ckpt).name}\n{steps} steps", video[:6])], gif, fps=6)
     row = {"ckpt": ckpt, "clips": clips, "steps": steps, **T.clip_metrics(video, captions),
            "seconds": round(time.perf_counter() - t, 1)}

@@ -2,7 +2,8 @@
 
 Runs the stages of `configs/quickstart.yaml` in order -- the full frame-wise 2-step Causal Forcing++
 pipeline: Stage 0 base (the shipped `pretrained:toy-base`, or trained here with `--from-scratch`), Stage 1
-AR teacher, Stage 2 causal CD, Stage 3 DMD -- each initialised from the previous checkpoint, resumable (re-running continues where it stopped) and health-checked when it ends
+AR teacher, Stage 2 causal CD, Stage 3 DMD -- each initialised from the previous checkpoint, resumable
+(re-running continues where it stopped) and health-checked when it ends
 (eval/health.py). Then it streams a sample from the final model with its KV cache, checks the stream against
 the packed teacher-forcing forward, scores every stage with the toy metrics (eval/toy.py) next to real
 clips, times streaming, and writes `runs/<name>/report.md` with per-stage sample gifs, loss curves, the
@@ -132,6 +133,6 @@ def _write_report(root: Path, results, final: dict, scores: dict, seconds: dict,
                "seconds": r.seconds, "reused": r.reused, "health": r.health.to_json() if r.health else None}
               for r in results]
     (root / "report.json").write_text(json.dumps(
-        {"seconds": seconds, "stages": stages, "metrics": scores, "from_scratch": not any(r.cfg.use for r in results),
+        {"seconds": seconds, "stages": stages, "metrics": scores,
          "final": {k: v for k, v in final.items() if k != "check"}, "check": chk}, indent=1))
     return path

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from . import config as C
 from . import stages as S
 from .eval.health import Health, check_stage
-from .generate import build_denoiser, sample
+from .generate import build_denoiser, describe, sample
 from .media import grid, plot_metrics, write_video
 from .runs import check_resume, finished
 from .schema import differing_keys
@@ -255,12 +255,10 @@ def used_stage(cfg: C.RunConfig, key: str) -> StageResult:
     """The StageResult of a stage that is the existing checkpoint `cfg.use`: refused unless it is a model of
     the stage's kind (generator mode) and the recipe's network, since later stages build on both."""
     src = ckpt.resolve(cfg.use)
-    meta = ckpt.read_meta(src)
-    stored = S.normalise(C.from_dict(C.upgrade(meta.get("config", {}))), stored=True)
-    if S.mode_of(stored) != S.mode_of(cfg):
-        raise C.ConfigError(f"stage {key!r}: use={cfg.use!r} is a {S.mode_of(stored)} model; the stage is "
-                            f"{S.mode_of(cfg)}")
-    diff = differing_keys(C.to_dict(stored.model), C.to_dict(cfg.model))
+    model, mode = describe(src)  # from its metadata, no weights read
+    if mode != S.mode_of(cfg):
+        raise C.ConfigError(f"stage {key!r}: use={cfg.use!r} is a {mode} model; the stage is {S.mode_of(cfg)}")
+    diff = differing_keys(C.to_dict(model), C.to_dict(cfg.model))
     if diff:
         raise C.ConfigError(f"stage {key!r}: use={cfg.use!r} has another network than the recipe's model "
                             f"(model.{', model.'.join(diff[:6])}); set the recipe's model to the checkpoint's")

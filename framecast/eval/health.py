@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .. import pretrained
 from ..generate import load
 from ..train.loop import read_log
 from . import toy as T
@@ -149,7 +150,7 @@ def check_stage(run_dir: str | Path, ckpt_dir: str | Path, rule: LossRule, *, in
     if data == "shapes":
         h.metrics = sample_metrics(ckpt_dir, clips)
         init_metrics = None
-        if init and compare_init and not init.startswith("pretrained:"):
+        if init and compare_init and not pretrained.is_name(init):  # a shipped init has no run folder
             init_run = Path(init).parents[1]  # <run>/ckpt/step_N -> <run>
             prev = init_run / "health.json"
             init_metrics = json.loads(prev.read_text())["metrics"] if prev.exists() else None
