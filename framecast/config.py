@@ -295,24 +295,46 @@ class Recipe:
     stages: list[RunConfig]  # in order; each stage initialises from the previous one's checkpoint
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """A recipe YAML: `name`, `base` (a RunConfig mapping or a YAML path) and `stages` (name -> overrides). A
-    stage's key is its run directory, its kind the key itself or the `stage:` it sets; every stage is validated
-    strictly (no repeated keys either) and the command-line overrides apply to every stage."""
-    p = Path(path)
+def _recipe_data(p: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """A recipe file's (base mapping, stages mapping, name), with `extends` resolved: the parent recipe's base and
+    stages, this file's `base` merged over the parent's and each of its `stages` merged over the parent's stage of
+    the same key (new keys run after the parent's). Ablations are a few lines over the recipe they vary."""
+    if p.resolve() in seen:
+        raise ConfigError(f"recipe {str(p)!r} extends itself (through {' -> '.join(map(str, seen))})")
     data = read_yaml(p, "recipe")
-    unknown = sorted(set(data) - {"name", "base", "stages"})
+    unknown = sorted(set(data) - {"name", "base", "stages", "extends"})
     if unknown:
-        raise ConfigError(f"unknown recipe key {unknown[0]!r} in {str(p)!r}; valid keys: base, name, stages")
-    name = data.get("name", p.stem)
+        raise ConfigError(f"unknown recipe key {unknown[0]!r} in {str(p)!r}; valid keys: base, extends, name, stages")
     stages = data.get("stages") or {}
-    if not isinstance(stages, dict) or not stages:
+    if not isinstance(stages, dict) or (not stages and "extends" not in data):
         raise ConfigError(f"recipe {str(p)!r} needs a non-empty `stages` mapping (stage name -> overrides)")
     base_data = data.get("base") or {}
     if isinstance(base_data, str):  # a path to a run config YAML, relative to the recipe
         base_data = read_yaml(p.parent / base_data, "base config")
     if not isinstance(base_data, dict):
         raise ConfigError(f"recipe {str(p)!r}: `base` must be a mapping or a YAML path, got {base_data!r}")
+    name = data.get("name", p.stem)
+    if "extends" not in data:
+        return base_data, stages, name
+    parent = data["extends"]
+    if not isinstance(parent, str):
+        raise ConfigError(f"recipe {str(p)!r}: `extends` must be a recipe YAML path, got {parent!r}")
+    parent_base, parent_stages, _ = _recipe_data(p.parent / parent, seen + (p.resolve(),))
+    merged = dict(parent_stages)
+    for key, extra in stages.items():
+        if not isinstance(extra, (dict, type(None))):
+            raise ConfigError(f"recipe {str(p)!r}: stage {key!r}: {extra!r} is not a name mapped to overrides")
+        merged[key] = _merge(dict(merged.get(key) or {}), dict(extra or {}))
+    return _merge(parent_base, base_data), merged, name
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """A recipe YAML: `name`, `base` (a RunConfig mapping or a YAML path), `stages` (name -> overrides) and
+    optionally `extends` (a parent recipe, see _recipe_data). A stage's key is its run directory, its kind the
+    key itself or the `stage:` it sets; every stage is validated strictly (no repeated keys either) and the
+    command-line overrides apply to every stage."""
+    p = Path(path)
+    base_data, stages, name = _recipe_data(p)
     base = from_dict({**base_data, "name": name})
     out = []
     for key, extra in stages.items():

@@ -132,3 +132,34 @@ def test_use_stage_stands_in_for_a_trained_one(tmp_path):
 def _write(path, text):
     path.write_text(text + "\n")
     return path
+
+
+def test_a_recipe_extends_another_stage_by_stage(tmp_path):
+    """`extends: parent.yaml`: the parent's base and stages, this file's base merged over the parent's and each of
+    its stages over the parent's stage of the same key (untouched keys kept), new stages after the parent's."""
+    parent = _write(tmp_path / "p.yaml", "name: p\nbase: {train: {lr: 1.0e-3, steps: 5}}\n"
+                    "stages: {stage0: {train: {steps: 7, warmup: 3}}, stage1: {init: '@stage0'}}")
+    child = _write(tmp_path / "c.yaml", "name: c\nextends: p.yaml\nbase: {train: {lr: 2.0e-3}}\n"
+                   "stages: {stage0: {train: {steps: 9}}, dmd: {init: '@stage1'}}")
+    r = C.load_recipe(child)
+    assert [c.stage for c in r.stages] == ["stage0", "stage1", "dmd"] and all(c.name == "c" for c in r.stages)
+    s0, s1 = r.stages[0], r.stages[1]
+    assert (s0.train.steps, s0.train.warmup, s0.train.lr) == (9, 3, 2.0e-3)  # the child's steps, the parent's warmup
+    assert (s1.train.steps, s1.init) == (5, "@stage0")
+    assert C.load_recipe(parent).stages[0].train.lr == 1.0e-3  # the parent is unchanged
+    _write(tmp_path / "loop.yaml", "extends: loop.yaml\nstages: {stage0: {}}")
+    with pytest.raises(C.ConfigError, match="extends itself"):
+        C.load_recipe(tmp_path / "loop.yaml")
+    _write(tmp_path / "bad.yaml", "extends: p.yaml\nstages: {stage0: {train: {stepz: 1}}}")
+    with pytest.raises(C.ConfigError, match="train.stepz"):
+        C.load_recipe(tmp_path / "bad.yaml")
+    _write(tmp_path / "none.yaml", "extends: nosuch.yaml\nstages: {}")
+    with pytest.raises(C.ConfigError, match="nosuch.yaml"):
+        C.load_recipe(tmp_path / "none.yaml")
+
+
+def test_minigrid_long_is_the_minigrid_recipe_with_a_larger_budget():
+    base, long = (C.load_recipe(CONFIGS / f"{n}.yaml") for n in ("minigrid", "minigrid_long"))
+    assert [c.tag or c.stage for c in long.stages] == [c.tag or c.stage for c in base.stages]
+    for a, b in zip(base.stages, long.stages):
+        assert b.train.steps >= a.train.steps and b.model == a.model and b.train.lr == a.train.lr
