@@ -253,3 +253,28 @@ def test_minigrid_layout_rule_reads_the_true_state_from_pixels(tmp_path):
     assert frozen["layout_acc_x"] < 0.9 and frozen["ahead_mae_x"] > 0  # the world does move
     with pytest.raises(ValueError, match="do not hold"):
         W.minigrid_layout(real, tile=8, size=32)
+
+
+def test_context_ceiling_geometry_and_bounds(tmp_path):
+    """The one-frame layout ceiling (eval/world/ceiling.py): its view -> world geometry is right (every world
+    position shown twice shows the same class, and a wrong heading breaks that), and the oracle sits between
+    the frozen world and perfection because part of each later view was never shown."""
+    from framecast.eval.world.ceiling import context_ceiling, view_world_coords
+
+    d = load_episodes(record("minigrid", tmp_path, episodes=24, frames=12, seed=7, progress=False).parent)
+    out = context_ceiling(d["frames"], d["state"], d["manifest"])
+    assert out["seen_consistent"] == 1.0 and out["seen_frac"] > 0.1
+    assert out["layout_acc_frozen"] < out["layout_acc_ceiling"] < 1.0 and 0 < out["novel_frac"] < 1
+    assert abs(out["unseen_frac"] + out["seen_frac"] + out["novel_frac"] - 1) < 1e-9
+    assert len(out["layout_acc_ceiling_by_h"]) == 11
+    turned = d["state"].clone()
+    turned[..., 2] = (turned[..., 2] + 1) % 4  # a quarter turn off: world positions no longer match
+    assert context_ceiling(d["frames"], turned, d["manifest"])["seen_consistent"] < 0.95
+    more = context_ceiling(d["frames"], d["state"], d["manifest"], context=4)
+    assert more["novel_frac"] < out["novel_frac"]  # more context shows more of the world
+    # the agent's own cell is its position, the cell straight ahead one step along its heading
+    xy = view_world_coords(np.array([[5, 5, 0], [5, 5, 3]]))  # facing east, facing north
+    assert xy[0, 6, 3].tolist() == [5, 5] and xy[0, 5, 3].tolist() == [6, 5] and xy[1, 5, 3].tolist() == [5, 4]
+    assert xy[1, 6, 4].tolist() == [6, 5]  # right of the agent facing north is east
+    with pytest.raises(ValueError, match="context"):
+        context_ceiling(d["frames"], d["state"], d["manifest"], context=12)
