@@ -10,8 +10,9 @@ from framecast.models.attention import AttentionPlan
 ATOL = 2e-5
 
 
-def stream_tf(net, x, sigma, clean, text, plan):
-    """Block by block: denoise block b reading the cache, then commit its clean copy (method.md §3.4)."""
+def stream_tf(net, x, sigma, clean, text, plan, offset=0):
+    """Block by block: denoise block b reading the cache, then commit its clean copy (method.md §3.4); frame f
+    at absolute position offset + f."""
     cache_kw = dict(block_size=plan.block_size, window=plan.window, sink=plan.sink)
     from framecast.models.kv_cache import KVCache
 
@@ -20,8 +21,9 @@ def stream_tf(net, x, sigma, clean, text, plan):
     F = x.shape[1]
     for s in range(0, F, plan.block_size):
         e = min(s + plan.block_size, F)
-        outs.append(net(x[:, s:e], sigma[:, s:e], text, cache=cache))
-        net(clean[:, s:e], torch.zeros_like(sigma[:, s:e]), text, cache=cache, commit=True)
+        pos = torch.arange(s, e) + offset
+        outs.append(net(x[:, s:e], sigma[:, s:e], text, cache=cache, positions=pos))
+        net(clean[:, s:e], torch.zeros_like(sigma[:, s:e]), text, cache=cache, commit=True, positions=pos)
     return torch.cat(outs, dim=1), cache
 
 
@@ -147,3 +149,24 @@ def test_flex_block_mask_equals_dense_mask(tiny_model, plan):
         finally:
             net.attention_backend = "sdpa"
     torch.testing.assert_close(flex, dense, atol=2e-5, rtol=0)
+
+
+def test_rolling_window_stream_is_translation_invariant(tiny_model):
+    """Long play (docs/world_model.md, "Long play"): RoPE makes attention depend on frame distances only and the
+    window bounds them, so a stream under a rolling window without sinks is the same stream at any absolute
+    position: started at frame 10**6 it gives the frames it gives at 0, and frame 1000 of a session meets no
+    distance training did not (a sink's distance would grow: the play server streams without one)."""
+    net = tiny_model.net
+    W, F, B = 3, 12, 1
+    x, clean = torch.randn(B, F, 3, 8, 12), torch.randn(B, F, 3, 8, 12)
+    sigma = torch.rand(B, F)
+    text = torch.randn(B, 5, net.config.text_dim)
+    plan = AttentionPlan("teacher_forcing", 1, W, 0)
+    with torch.no_grad():
+        at0, c0 = stream_tf(net, x, sigma, clean, text, plan)
+        far, c1 = stream_tf(net, x, sigma, clean, text, plan, offset=10**6)
+        torch.testing.assert_close(far, at0, atol=ATOL, rtol=0)
+        assert c1.frames.tolist() == [f + 10**6 for f in c0.frames.tolist()] and c0.num_frames == W - 1
+        packed = net(x, sigma, text, plan=plan, clean=clean, positions=torch.arange(F) + 10**6)
+        torch.testing.assert_close(packed, at0, atol=ATOL, rtol=0)
+        assert (net(x, sigma, text, plan=AttentionPlan("teacher_forcing", 1, 0, 0), clean=clean) - at0).abs().max() > 1e-3
