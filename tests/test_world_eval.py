@@ -278,3 +278,30 @@ def test_context_ceiling_geometry_and_bounds(tmp_path):
     assert xy[1, 6, 4].tolist() == [6, 5]  # right of the agent facing north is east
     with pytest.raises(ValueError, match="context"):
         context_ceiling(d["frames"], d["state"], d["manifest"], context=12)
+
+
+def test_long_play_buckets_score_the_stream_against_the_real_replay(recordings, idm, tmp_path, monkeypatch, one_thread):
+    """eval/world/long_play.py: buckets cover frames 1..F-1 once; a stream that IS the real replay scores layout
+    1.0 and the real IDM accuracy in every bucket (so the frames and actions are aligned); a random tiny model
+    streams with the play window and scores less; a restart (a jump of more than one cell) ends an episode."""
+    from framecast.eval.world import long_play as LP
+
+    root = record("minigrid", tmp_path / "long", episodes=3, frames=25, tile=2, size=16, progress=False).parent
+    ep, model = load_episodes(root), _tiny(recordings)
+    frames, actions = ep["frames"], ep["actions"]
+    out = LP.long_play(model, frames, actions, ep["manifest"], idm=idm, bucket=10)
+    assert [(r["start"], r["end"]) for r in out["buckets"]] == [(1, 11), (11, 21), (21, 25)]
+    assert out["window"] == model.spec.num_frames and out["frames"] == 25 and out["episodes"] == 3
+    assert all(r["layout_acc"] < 1 for r in out["buckets"])
+    monkeypatch.setattr(LP, "open_loop", lambda m, f, a, **kw: W.to_video(f[:, 1:]))  # a perfect world model
+    perfect = LP.long_play(model, frames, actions, ep["manifest"], idm=idm, bucket=10)
+    real = W.idm_predict(idm, W.to_video(frames))  # [E, F-1]
+    for r in perfect["buckets"]:
+        assert r["layout_acc"] == 1.0 and r["idm_acc"] == r["real_idm_acc"]
+        s, e = r["start"], r["end"]
+        assert r["real_idm_acc"] == pytest.approx(float((real[:, s - 1:e - 1] == actions[:, s:e]).float().mean()))
+    assert LP.drift(perfect, "layout_acc") == 0.0
+    state = torch.tensor([[1, 1, 0], [2, 1, 0], [2, 1, 1], [7, 5, 0], [7, 6, 0]])
+    assert LP.continuous_length(state) == 3 and LP.continuous_length(state[:3]) == 3
+    with pytest.raises(ValueError, match="bucket"):
+        LP.long_play(model, frames, actions, ep["manifest"], idm=idm, bucket=0)
