@@ -164,7 +164,8 @@ def _play(args: argparse.Namespace) -> None:
     from .play import serve
 
     size = (args.height, args.width) if args.height and args.width else None
-    serve(args.model, host=args.host, port=args.port, threads=args.threads, start=args.start, window=args.window,
+    model = f"pretrained:{args.pretrained}" if args.pretrained else args.model
+    serve(model, host=args.host, port=args.port, threads=args.threads, start=args.start, window=args.window,
           env=args.env, fps=args.fps, max_sessions=args.max_sessions, max_frames=args.max_frames, device=args.device,
           base=args.base, prompt=args.prompt, size=size, preset=args.preset, token=args.token,
           allow_origins=args.allow_origin)
@@ -264,8 +265,11 @@ def _add_sample(sub) -> None:
 
 def _add_play(sub) -> None:
     y = sub.add_parser("play", help="serve a causal (world) model live: a page streams frames, held keys are actions")
-    y.add_argument("--model", "--ckpt", dest="model", required=True,
-                   help="a causal model: a framecast checkpoint (e.g. runs/minigrid/dmd_2step) or an official .pt")
+    which = y.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", "--ckpt", dest="model",
+                       help="a causal model: a framecast checkpoint (e.g. runs/minigrid/dmd_2step) or an official .pt")
+    which.add_argument("--pretrained", metavar="NAME", help="a world model shipped with framecast, e.g. minigrid "
+                       "(= --model pretrained:NAME, with its own start views)")
     y.add_argument("--base", default=None, help="the Wan2.1 folder an official .pt builds on")
     y.add_argument("--preset", default=None, help="sampling preset of an official .pt (default: from its file name)")
     y.add_argument("--prompt", default=None, help="text models: the prompt a session starts with (the page can "

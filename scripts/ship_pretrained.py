@@ -5,7 +5,9 @@
 
 Writes the run's EMA weights as one framecast checkpoint (`framecast convert`), then `manifest.json`: the recipe
 and command that trained it, its steps and parameters, the scores measured on held-out captions (a JSON line of
-benchmarks/base_quality.py), the file's SHA-256 and size. Prints the registry line to put in
+benchmarks/base_quality.py), the file's SHA-256 and size. World models (`--start-env minigrid`) also get `start/`,
+a small recording of held-out first frames that `framecast play --pretrained <name>` starts sessions from. Prints
+the registry line to put in
 framecast/pretrained/__init__.py; the shipped folder is never overwritten (move the old one away first).
 """
 
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 from framecast import pretrained
+from framecast.data.envs import read_manifest, record
 from framecast.generate import convert
 from framecast.train import checkpoint as ckpt
 
@@ -30,6 +33,10 @@ def main() -> None:
     p.add_argument("--command", required=True, help="the command that trained it")
     p.add_argument("--scores", required=True, help="a JSONL file whose last line holds the model's scores")
     p.add_argument("--root", default=str(pretrained.ROOT))
+    p.add_argument("--start-env", default="", help="world models: record this environment's start views into "
+                   "<name>/start (at the training recording's tile and size), so play needs no recording")
+    p.add_argument("--start-episodes", type=int, default=16)
+    p.add_argument("--start-seed", type=int, default=1, help="held out from training (seed 0)")
     a = p.parse_args()
     out = Path(a.root) / a.name
     src = ckpt.resolve(a.run)
@@ -46,6 +53,14 @@ def main() -> None:
         "scores": scores, "sha256": digest, "bytes": w.stat().st_size,
         "made": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.system()}",
     }
+    if a.start_env:  # a recording of first frames only: play's start views (pretrained.start_frames)
+        data = meta["config"]["data"]
+        rec = read_manifest(data["path"])
+        if rec["env"] != a.start_env:
+            raise SystemExit(f"the run trained on {rec['env']!r} episodes, not {a.start_env!r}")
+        record(a.start_env, out / "start", episodes=a.start_episodes, frames=1, seed=a.start_seed,
+               tile=int(rec["tile"]), size=int(rec["size"]), progress=False)
+        manifest["start"] = {"env": a.start_env, "episodes": a.start_episodes, "seed": a.start_seed}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"{out}: {w.stat().st_size / 1e6:.1f} MB")
     print(f'registry line for framecast/pretrained/__init__.py:\n    "{a.name}": "{digest}",')

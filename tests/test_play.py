@@ -201,3 +201,40 @@ def test_load_world_from_a_checkpoint(tmp_path, one_thread):
     record("minigrid", other, episodes=1, frames=2, seed=0, progress=False)  # 32x32 frames
     with pytest.raises(SessionError, match="start frames"):
         load_world(s1, start=other)
+
+
+def test_a_shipped_world_model_plays_by_name_from_its_own_start_views(tmp_path, one_thread, monkeypatch):
+    """`framecast play --pretrained NAME` = --model pretrained:NAME: the checksum is checked, and sessions start
+    from the start views shipped beside the weights (its training recording is not on the user's machine)."""
+    pytest.importorskip("minigrid")
+    import shutil
+
+    from framecast import cli, pretrained
+    from framecast.data.envs import record
+    from framecast.errors import CheckpointError
+    from framecast.generate import convert
+    from framecast.recipe import train_stage
+
+    rec = tmp_path / "rec"
+    record("minigrid", rec, episodes=2, frames=6, seed=0, tile=2, size=16, shard_size=2, progress=False)
+    base = [f"data.path={rec}", "data.name=episodes", "model.num_actions=4", "train.steps=1", "train.warmup=0",
+            "sample.steps=2", f"out_dir={tmp_path / 'runs'}", "stage=stage1"]
+    run = train_stage(C.load(ROOT / "configs" / "tiny.yaml", base))
+    root = tmp_path / "shipped"
+    saved = convert(run, root / "tinyworld", use_ema=None)
+    record("minigrid", root / "tinyworld" / "start", episodes=3, frames=1, seed=1, tile=2, size=16, progress=False)
+    shutil.rmtree(rec)  # as on a user's machine: the training recording is gone
+    monkeypatch.setattr(pretrained, "ROOT", root)
+    monkeypatch.setitem(pretrained.REGISTRY, "tinyworld", pretrained.sha256(saved / pretrained.WEIGHTS))
+    w = load_world("pretrained:tinyworld", fps=0)
+    assert w.start_frames.shape == (3, 3, 16, 16) and w.actions == ["left", "right", "forward", "stay"]
+    served = {}
+    monkeypatch.setattr("framecast.play.serve", lambda model, **kw: served.update(model=model, **kw))
+    assert cli.main(["play", "--pretrained", "tinyworld", "--fps", "0"]) == 0
+    assert served["model"] == "pretrained:tinyworld" and served["start"] is None
+    assert cli.main(["play", "--pretrained", "tinyworld", "--model", "x"]) == 2  # one of them, not both
+    assert cli.main(["play"]) == 2
+    monkeypatch.setitem(pretrained.REGISTRY, "tinyworld", "0" * 64)
+    pretrained._verified.discard("tinyworld")
+    with pytest.raises(CheckpointError, match="corrupt or was replaced"):
+        load_world("pretrained:tinyworld")

@@ -114,7 +114,8 @@ def load_world(ckpt: str | Path, *, start: str | Path | None = None, window: int
                size: tuple[int, int] | None = None, preset: str | None = None, **kw) -> World:
     """A World from a model (a framecast checkpoint, or a Wan folder / official .pt on `base`). Action names
     come from the recording it was trained on (its manifest), or from `env`; start frames from the recording
-    `start` (frame 0 of each episode), else the training one. Text models start from `prompt` (default: the
+    `start` (frame 0 of each episode), else a shipped model's own start views (pretrained:<name>), else the
+    training one. Text models start from `prompt` (default: the
     run's first sample prompt) at `size` (height, width; default the model's)."""
     from ..data.envs import ENVS
     from ..generate import load
@@ -130,7 +131,10 @@ def load_world(ckpt: str | Path, *, start: str | Path | None = None, window: int
     if not spec.causal:
         raise SessionError(f"{ckpt} is a bidirectional model; play needs a causal (AR) student or teacher")
     num_actions = getattr(getattr(m.denoiser, "action_embed", None), "num_actions", 0)
-    src = start or (cfg.data.path if cfg.data.name == "episodes" else None)
+    from .. import pretrained
+
+    shipped = pretrained.start_frames(ckpt)  # a shipped world model carries its start views
+    src = start or shipped or (cfg.data.path if cfg.data.name == "episodes" else None)
     manifest, frames = _start_frames(src, spec, explicit=bool(start)) if src else (None, None)
     if env is not None and env not in ENVS:
         raise SessionError(f"unknown environment {env!r}; choose one of {sorted(ENVS)}")

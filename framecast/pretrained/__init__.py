@@ -70,6 +70,15 @@ def resolve(path: str) -> Path:
     return w.parent
 
 
+def start_frames(path: str | Path) -> Path | None:
+    """A shipped world model's start views (`<folder>/start`: a recording of each episode's first frame, written by
+    scripts/ship_pretrained.py), so `framecast play --pretrained <name>` needs no recording; None otherwise."""
+    if not is_name(path):
+        return None
+    start = folder(str(path)[len(PREFIX):]) / "start"
+    return start if (start / "manifest.json").is_file() else None
+
+
 def manifest(name: str) -> dict:
     """How `name` was trained and what it scored (its manifest.json)."""
     return json.loads((folder(name) / "manifest.json").read_text())
