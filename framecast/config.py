@@ -47,6 +47,9 @@ class ModelConfig:
     eps: float = FINITE_POSITIVE(1e-6)
     rope_max_seq_len: int = POSITIVE(1024)  # only sizes the stock RoPE table; our RoPE is computed from positions
     num_actions: int = NON_NEGATIVE(0)  # > 0 adds a zero-initialised per-frame action embedder (world models)
+    # adds a zero-initialised embedding of each token's (row, column) after patchify (docs/world_model.md, "What
+    # limits the world model"): RoPE tells attention only relative offsets; a turn is a rotation about the agent
+    spatial_embed: bool = False
     attention_backend: str = one_of("sdpa", "flex")  # sdpa: dense boolean mask (CPU, training); flex: CUDA opt-in
     gradient_checkpointing: bool = False
     codec: str = "identity"  # the latent codec (models/codecs.py): identity = the frames are the latents (toys)

@@ -251,6 +251,9 @@ def run_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     return list(done.values())
 
 
+ZERO_INIT_MODEL_KEYS = ("spatial_embed",)  # model switches that add only zero-initialised modules
+
+
 def used_stage(cfg: C.RunConfig, key: str) -> StageResult:
     """The StageResult of a stage that is the existing checkpoint `cfg.use`: refused unless it is a model of
     the stage's kind (generator mode) and the recipe's network, since later stages build on both."""
@@ -259,6 +262,9 @@ def used_stage(cfg: C.RunConfig, key: str) -> StageResult:
     if mode != S.mode_of(cfg):
         raise C.ConfigError(f"stage {key!r}: use={cfg.use!r} is a {mode} model; the stage is {S.mode_of(cfg)}")
     diff = differing_keys(C.to_dict(model), C.to_dict(cfg.model))
+    # a zero-initialised addition the recipe turns on (model.spatial_embed) loads into the used network unchanged
+    # (train/sharded_load.ZERO_INIT_ADDITIONS): the later stages start from exactly the used model
+    diff = [k for k in diff if not (k in ZERO_INIT_MODEL_KEYS and not getattr(model, k))]
     if diff:
         raise C.ConfigError(f"stage {key!r}: use={cfg.use!r} has another network than the recipe's model "
                             f"(model.{', model.'.join(diff[:6])}); set the recipe's model to the checkpoint's")

@@ -170,3 +170,38 @@ def test_rolling_window_stream_is_translation_invariant(tiny_model):
         packed = net(x, sigma, text, plan=plan, clean=clean, positions=torch.arange(F) + 10**6)
         torch.testing.assert_close(packed, at0, atol=ATOL, rtol=0)
         assert (net(x, sigma, text, plan=AttentionPlan("teacher_forcing", 1, 0, 0), clean=clean) - at0).abs().max() > 1e-3
+
+
+def test_spatial_embed_keeps_streaming_equal_to_packed_and_starts_as_the_network_without_it(tmp_path):
+    """model.spatial_embed (an absolute (row, column) embedding per token): cached == packed still holds with it
+    on; zero-initialised, a network with it loaded from a checkpoint without it computes exactly that network;
+    and its (row, column) codes are distinct, so it can tell positions apart."""
+    from framecast import config as C
+    from framecast.generate import build_denoiser
+    from framecast.models.backbone import spatial_features
+    from framecast.train import checkpoint as ckpt
+    from framecast.train.distributed import SINGLE
+    from framecast.train.sharded_load import load_into
+
+    from .conftest import randomise
+
+    net = randomise(build_denoiser(C.model_preset("tiny", spatial_embed=True))).eval().net
+    plan = AttentionPlan("teacher_forcing", 1, 3, 1)
+    x, clean, sigma = torch.randn(2, 5, 3, 8, 12), torch.randn(2, 5, 3, 8, 12), torch.rand(2, 5)
+    text = torch.randn(2, 5, net.config.text_dim)
+    with torch.no_grad():
+        packed = net(x, sigma, text, plan=plan, clean=clean)
+        streamed, _ = stream_tf(net, x, sigma, clean, text, plan)
+        torch.testing.assert_close(streamed, packed, atol=ATOL, rtol=0)
+        net.spatial_embed.weight.zero_(), net.spatial_embed.bias.zero_()
+        assert (net(x, sigma, text, plan=plan, clean=clean) - packed).abs().max() > 1e-3  # it was in use
+    plain = randomise(build_denoiser(C.model_preset("tiny"))).eval()
+    ckpt.save(tmp_path / "plain", 1, weights={"model": plain.state_dict()}, meta={"stage": "stage1"})
+    spatial = build_denoiser(C.model_preset("tiny", spatial_embed=True)).eval()
+    assert spatial.net.spatial_embed.weight.abs().max() == 0  # zero-initialised
+    load_into(spatial, tmp_path / "plain", SINGLE)
+    with torch.no_grad():
+        torch.testing.assert_close(spatial.net(x, sigma, text, plan=plan, clean=clean),
+                                   plain.net(x, sigma, text, plan=plan, clean=clean), atol=1e-6, rtol=0)
+    codes = spatial_features(8, 8)  # [64, 32]
+    assert codes.shape == (64, 32) and torch.cdist(codes, codes).add(torch.eye(64)).min() > 0.1

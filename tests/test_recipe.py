@@ -123,6 +123,12 @@ def test_use_stage_stands_in_for_a_trained_one(tmp_path):
                                         f"{{num_layers: 3}}}}}}")
     with pytest.raises(C.ConfigError, match=r"another network .*model.num_layers"):
         run_recipe(other, ["train.progress=false"], out_dir=str(tmp_path / "runs"), health_clips=0)
+    # a zero-initialised addition the recipe turns on is no other network: the later stage starts from the base
+    spatial = _write(tmp_path / "s.yaml", f"name: s\nbase: {tiny}\nstages: {{stage0: {{use: {base}}}, "
+                                          f"stage1: {{train: {{steps: 2}}}}}}")
+    grown = run_recipe(spatial, ["train.progress=false", "model.spatial_embed=true"], out_dir=str(tmp_path / "runs"),
+                       health_clips=0)
+    assert grown[0].reused and ckpt.read_meta(grown[1].ckpt)["config"]["model"]["spatial_embed"] is True
     causal = str(done[1].ckpt)
     wrong = _write(tmp_path / "w.yaml", f"name: w\nbase: {tiny}\nstages: {{stage0: {{use: {causal}}}}}")
     with pytest.raises(C.ConfigError, match="is a teacher_forcing model; the stage is bidirectional"):

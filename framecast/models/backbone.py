@@ -212,6 +212,19 @@ def rope_3axis(positions: Tensor, hp: int, wp: int, head_dim: int) -> Tensor:
     return torch.polar(torch.ones_like(a), a).to(torch.complex64)  # exp(i a), angles kept in float64
 
 
+SPATIAL_FREQS = 8  # sinusoid periods 2, 4, ..., 256 tokens: unique (row, column) codes up to 256 x 256 tokens
+
+
+def spatial_features(hp: int, wp: int, device: torch.device | str = "cpu") -> Tensor:
+    """sin / cos of each token's row and column at SPATIAL_FREQS frequencies: [hp*wp, 4*SPATIAL_FREQS], row-major
+    like the token grid. Absolute positions within a frame, for `model.spatial_embed` (a learned projection)."""
+    w = torch.pi / 2.0 ** torch.arange(SPATIAL_FREQS, dtype=torch.float32, device=device)  # [n]
+    r = torch.arange(hp, dtype=torch.float32, device=device)[:, None, None] * w  # [hp, 1, n]
+    c = torch.arange(wp, dtype=torch.float32, device=device)[None, :, None] * w  # [1, wp, n]
+    r, c = r.expand(hp, wp, -1), c.expand(hp, wp, -1)
+    return torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], -1).flatten(0, 1)  # [hp*wp, 4n]
+
+
 def apply_rope(x: Tensor, rot: Tensor) -> Tensor:
     """Rotate interleaved pairs (x[2j], x[2j+1]) by the angle of pair j, as one complex product.
 

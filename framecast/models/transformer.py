@@ -31,9 +31,9 @@ from diffusers.models.transformers.transformer_wan import WanTransformer3DModel,
 from ..errors import ConfigError
 from ..config import ModelConfig
 from .attention import AttentionPlan
-from .backbone import (BIDIRECTIONAL, LazyText, TokenGrid, apply_rope, attend, cached_self_attention_kv,
-                       check_inputs, cross_attention_kv, pack_teacher_forcing, patchify, plan_mask, rope_3axis,
-                       unpatchify)
+from .backbone import (BIDIRECTIONAL, SPATIAL_FREQS, LazyText, TokenGrid, apply_rope, attend,
+                       cached_self_attention_kv, check_inputs, cross_attention_kv, pack_teacher_forcing, patchify,
+                       plan_mask, rope_3axis, spatial_features, unpatchify)
 from .kv_cache import KVCache
 from .kv_snapshot import ContextSnapshot
 
@@ -107,7 +107,12 @@ class CausalWanTransformer(WanTransformer3DModel):
         """[B, Fs, C, H, W] -> [B, Fs*T, D]. The Conv3d has stride == kernel, so it is one matmul over
         non-overlapping (C, ph, pw) patches; as a linear it avoids the slow CPU convolution path (benchmarks/)."""
         conv = self.patch_embedding
-        return F.linear(patchify(x, grid), conv.weight.flatten(1), conv.bias).flatten(1, 3)
+        h = F.linear(patchify(x, grid), conv.weight.flatten(1), conv.bias)  # [B, Fs, hp, wp, D]
+        embed = getattr(self, "spatial_embed", None)  # model.spatial_embed: absolute (row, column) per token
+        if embed is not None:
+            pos = embed(spatial_features(grid.hp, grid.wp, h.device).to(embed.weight.dtype))  # [hp*wp, D]
+            h = h + pos.view(grid.hp, grid.wp, -1).type_as(h)
+        return h.flatten(1, 3)
 
     def _time_embedding(self, sigma: Tensor, frame_emb: Tensor | None, h: Tensor) -> tuple[Tensor, Tensor]:
         """Per-frame time embedding: sigma [B, Fs] -> temb [B, Fs, D] (+ frame_emb), modulation [B, Fs, 6, D]."""
@@ -226,6 +231,11 @@ def build_transformer(cfg: ModelConfig, *, device: str | torch.device = "cpu") -
             rope_max_seq_len=cfg.rope_max_seq_len,
         )
     net.attention_backend = cfg.attention_backend
+    if cfg.spatial_embed:  # zero-initialised: a network initialised from one without it starts as that network
+        with torch.device(device):
+            net.spatial_embed = torch.nn.Linear(4 * SPATIAL_FREQS, net.inner_dim)
+        torch.nn.init.zeros_(net.spatial_embed.weight)
+        torch.nn.init.zeros_(net.spatial_embed.bias)
     for block in net.blocks:  # the same module with our forward (its state dict keys are unchanged)
         block.__class__ = CausalWanBlock
     if cfg.gradient_checkpointing:

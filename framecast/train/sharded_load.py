@@ -22,6 +22,9 @@ from . import dcp
 from .distributed import Dist, networks, shard_plan
 
 
+ZERO_INIT_ADDITIONS = ("action_embed.", "net.spatial_embed.")
+
+
 def _is_meta(module: nn.Module) -> bool:
     return any(p.is_meta for p in module.parameters())
 
@@ -39,8 +42,10 @@ def _rows(t: torch.Tensor) -> tuple[int, int] | None:
 def copy_shards(module: nn.Module, tensors: dict[str, Lazy], where: str) -> None:
     """Fill `module`'s (sharded) state from lazily read tensors, every key and shape checked first."""
     own = module.state_dict()
-    # a world model started from a text-to-video file keeps its own (zero-initialised) action embedder
-    keep = {k for k in set(own) - set(tensors) if k.startswith("action_embed.") and not own[k].is_meta}
+    # zero-initialised additions a file may lack (a world model started from a text-to-video file: its action
+    # embedder; model.spatial_embed started from a network without it) keep their own zero init, so the network
+    # starts as the file's network
+    keep = {k for k in set(own) - set(tensors) if k.startswith(ZERO_INIT_ADDITIONS) and not own[k].is_meta}
     fill({k: v for k, v in own.items() if k not in keep}, tensors, where)
 
 
