@@ -297,7 +297,7 @@ register(Stage("stage1", CAUSAL_MODES, False, _flow_matching, LossRule("no_rise"
                help="AR model, teacher forcing (objective.mode=diffusion_forcing: the DF baseline)"))
 register(Stage("ode", ("teacher_forcing",), True, _ode, LossRule("no_rise"), section="ode", roles=(ODE_TEACHER,),
                needs_init=True, help="few-step init by regression on the teacher's ODE pairs"))
-register(Stage("cd", ("teacher_forcing",), True, _cd, LossRule("no_rise"), section="cd",
+register(Stage("cd", ("teacher_forcing",), True, _cd, LossRule("stable"), section="cd",
                roles=(Role("cd.teacher", _fixed("causal"), _fixed("stage1")),), needs_init=True,
                help="few-step init by causal consistency distillation"))
 register(Stage("dmd", ("teacher_forcing",), True, _dmd, LossRule("critic_stable"), section="dmd",

@@ -29,6 +29,19 @@ def test_loss_trends():
     assert status(Hm.loss_checks([{"step": 1}], STAGES["ode"].loss_rule, False)) == {"losses": "FAIL"}
 
 
+def test_cd_loss_may_rise_from_its_near_zero_start_but_not_blow_up():
+    """Causal CD starts from the teacher (the quickstart's log: 1.05e-4 -> 1.28e-4): a rise within 3x is OK under
+    its `stable` rule, the same log under `no_rise` would FAIL; a blow-up or a NaN FAILs."""
+    rule = STAGES["cd"].loss_rule
+    assert rule.kind == "stable"
+    mild = [1.05e-4 * (1 + 0.25 * i / 49) for i in range(50)]
+    assert status(Hm.loss_checks(rows(mild), rule, from_scratch=False)) == {"model/loss": "OK"}
+    assert status(Hm.loss_checks(rows(mild), STAGES["stage1"].loss_rule, from_scratch=False)) == {"model/loss": "FAIL"}
+    blow = [1e-4 * 1.1 ** i for i in range(50)]
+    assert status(Hm.loss_checks(rows(blow), rule, from_scratch=False)) == {"model/loss": "FAIL"}
+    assert status(Hm.loss_checks(rows(mild[:10] + [math.inf]), rule, from_scratch=False)) == {"model/loss": "FAIL"}
+
+
 def test_dmd_checks_only_the_critic_for_blow_up():
     log = [{"model/loss": 5.0 * (i % 3), "critic/loss": 0.2} for i in range(30)]
     assert status(Hm.loss_checks(log, STAGES["dmd"].loss_rule, False)) == {"critic/loss": "OK"}
