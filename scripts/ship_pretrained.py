@@ -21,7 +21,8 @@ from pathlib import Path
 
 from framecast import pretrained
 from framecast.data.envs import read_manifest, record
-from framecast.generate import convert
+from framecast.eval.world.regression import check_scores
+from framecast.generate import convert, load
 from framecast.train import checkpoint as ckpt
 
 
@@ -34,7 +35,8 @@ def main() -> None:
     p.add_argument("--scores", required=True, help="a JSONL file whose last line holds the model's scores")
     p.add_argument("--root", default=str(pretrained.ROOT))
     p.add_argument("--start-env", default="", help="world models: record this environment's start views into "
-                   "<name>/start (at the training recording's tile and size), so play needs no recording")
+                   "<name>/start (at the training recording's tile and size), so play needs no recording, and store "
+                   "the model's regression check (eval/world/regression.py) in the manifest")
     p.add_argument("--start-episodes", type=int, default=16)
     p.add_argument("--start-seed", type=int, default=1, help="held out from training (seed 0)")
     a = p.parse_args()
@@ -61,6 +63,8 @@ def main() -> None:
         record(a.start_env, out / "start", episodes=a.start_episodes, frames=1, seed=a.start_seed,
                tile=int(rec["tile"]), size=int(rec["size"]), progress=False)
         manifest["start"] = {"env": a.start_env, "episodes": a.start_episodes, "seed": a.start_seed}
+        # the regression check tests/test_pretrained.py recomputes (eval/world/regression.py)
+        manifest["check"] = check_scores(load(saved), rec)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"{out}: {w.stat().st_size / 1e6:.1f} MB")
     print(f'registry line for framecast/pretrained/__init__.py:\n    "{a.name}": "{digest}",')

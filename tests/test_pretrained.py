@@ -81,3 +81,24 @@ def test_corrupt_weights_are_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="weights .* are missing"):
         ckpt.resolve("pretrained:toy-base")
     json.loads((tmp_path / "toy-base" / "manifest.json").read_text())  # the manifest itself is still readable
+
+
+WORLD = [n for n in SHIPPED if "check" in pretrained.manifest(n)]
+
+
+@pytest.mark.parametrize("name", WORLD)
+def test_shipped_world_model_plays_and_its_scores_do_not_regress(name, one_thread):
+    """A shipped world model: `framecast play --pretrained NAME` finds its start views, and its open-loop scores
+    on freshly recorded held-out episodes (eval/world/regression.py) are the ones measured when it shipped."""
+    pytest.importorskip("minigrid")
+    from framecast.eval.world.regression import check_scores
+    from framecast.play import load_world
+
+    w = load_world(f"pretrained:{name}", fps=0)
+    assert w.start_frames is not None and len(w.start_frames) == pretrained.manifest(name)["start"]["episodes"]
+    shipped = pretrained.manifest(name)["check"]
+    got = check_scores(load(f"pretrained:{name}"), shipped, episodes=shipped["episodes"], frames=shipped["frames"],
+                       seed=shipped["seed"])
+    assert set(got["scores"]) == set(shipped["scores"])
+    for key, value in shipped["scores"].items():  # float summation order may differ across machines
+        assert got["scores"][key] == pytest.approx(value, abs=0.02 if "psnr" in key else 0.005), key

@@ -305,3 +305,18 @@ def test_long_play_buckets_score_the_stream_against_the_real_replay(recordings, 
     assert LP.continuous_length(state) == 3 and LP.continuous_length(state[:3]) == 3
     with pytest.raises(ValueError, match="bucket"):
         LP.long_play(model, frames, actions, ep["manifest"], idm=idm, bucket=0)
+
+
+def test_regression_check_is_deterministic_and_sees_a_changed_model(recordings, one_thread):
+    """eval/world/regression.py, the shipped models' regression test: the same model scores the same twice (so
+    a stored check can be compared exactly), and a changed action table moves ΔPSNR."""
+    from framecast.eval.world.regression import check_scores
+
+    model = _tiny(recordings)
+    rec = {"env": "minigrid", "tile": 2, "size": 16}
+    a = check_scores(model, rec, episodes=4, frames=4)
+    assert a == check_scores(model, rec, episodes=4, frames=4)
+    assert set(a["scores"]) == {"psnr", "psnr_shuffled", "delta_psnr", "layout_acc", "layout_acc_shuffled"}
+    with torch.no_grad():
+        model.denoiser.action_embed.table.weight.mul_(3.0)
+    assert check_scores(model, rec, episodes=4, frames=4)["scores"]["delta_psnr"] != a["scores"]["delta_psnr"]
