@@ -36,6 +36,7 @@ import torch
 from framecast.data.envs import load_episodes
 from framecast.eval import world as W
 from framecast.generate import load
+from framecast.errors import CheckpointError
 from framecast.train import checkpoint as ckpt
 
 STAGES = ["stage0", "stage1", "cd", "dmd_1step", "dmd_2step", "ode_sf", "dmd_sf_2step"]
@@ -47,6 +48,8 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", default="runs/minigrid", help="the recipe's run folder (one sub-folder per stage)")
     p.add_argument("--stages", nargs="+", default=STAGES)
+    p.add_argument("--ckpt", nargs="+", default=[], metavar="NAME=PATH", help="also evaluate these checkpoints (a "
+                   "run-stage folder, one step_N folder, pretrained:<name>) as rows NAME, e.g. an ablation's step")
     p.add_argument("--train", default="data/minigrid_train", help="real recording the IDM and probe learn from")
     p.add_argument("--eval", default="data/minigrid_eval", help="held-out recording")
     p.add_argument("--episodes", type=int, default=64, help="held-out episodes (the first N)")
@@ -181,16 +184,19 @@ def kept(out: Path, args) -> dict:
         return {}
     if any(old.get("settings", {}).get(k) != getattr(args, k) for k in SAME):
         return {}
-    stages = {k: v for k, v in old.get("stages", {}).items() if k not in args.stages and "skipped" not in v}
+    named = set(args.stages) | {_named(c)[0] for c in args.ckpt}
+    stages = {k: v for k, v in old.get("stages", {}).items() if k not in named and "skipped" not in v}
     if stages:
         print(f"keeping {', '.join(stages)} from {path} (same settings)", flush=True)
     return stages
 
 
 def evaluate_stage(path: Path, ep: dict, idm, probe, args) -> dict:
-    if not (path / "ckpt" / "latest").is_file():
-        return {"skipped": f"no checkpoint under {path}/ckpt"}
-    model = load(path)
+    try:
+        src = ckpt.resolve(path)
+    except CheckpointError as e:
+        return {"skipped": f"no checkpoint at {path} ({e})"}
+    model = load(src)
     spec, cfg = model.spec, model.config
     manifest = ep["manifest"]
     if cfg.model.num_actions != manifest["null_action"]:
@@ -213,6 +219,13 @@ def evaluate_stage(path: Path, ep: dict, idm, probe, args) -> dict:
             "note": None if spec.causal else BIDIRECTIONAL_NOTE, "seconds": time.perf_counter() - t0, "metrics": m}
 
 
+def _named(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise SystemExit(f"--ckpt takes NAME=PATH, got {text!r}")
+    return name, path
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
@@ -231,8 +244,9 @@ def main(argv=None) -> int:
               "probe": {k: probe_info[k] for k in ("steps", "seed", "final_loss", "fields", "kinds", "classes")},
               "reference": ref, "stages": kept(out, args)}
     write(result, out)
-    for name in args.stages:
-        r = {**evaluate_stage(runs / name, ep, idm, probe, args), "command": result["settings"]["command"]}
+    rows = [(n, runs / n) for n in args.stages] + [_named(c) for c in args.ckpt]
+    for name, path in rows:
+        r = {**evaluate_stage(path, ep, idm, probe, args), "command": result["settings"]["command"]}
         result["stages"][name] = r
         if "skipped" in r:
             print(f"== {name}: skipped ({r['skipped']})", flush=True)

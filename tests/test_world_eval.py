@@ -231,6 +231,12 @@ def test_benchmark_script_writes_json_and_table(recordings, tmp_path, one_thread
     assert bench.main([*argv[:3], "stage1", *argv[6:]]) == 0
     again = json.loads(out.with_suffix(".json").read_text())
     assert set(again["stages"]) == {"stage0", "stage1"} and again["stages"]["stage0"] == result["stages"]["stage0"]
+    # --ckpt NAME=PATH: any checkpoint (here one step folder) as its own row
+    step = sorted((tmp_path / "runs" / "wm" / "stage1" / "ckpt").glob("step_*"))[0]
+    assert bench.main([*argv[:3], "stage1", *argv[6:], "--ckpt", f"early={step}"]) == 0
+    named = json.loads(out.with_suffix(".json").read_text())
+    assert named["stages"]["early"]["checkpoint"] == str(step) and "idm_acc" in named["stages"]["early"]["metrics"]
+    assert "| early |" in out.with_suffix(".md").read_text()
 
 
 def test_minigrid_layout_rule_reads_the_true_state_from_pixels(tmp_path):
