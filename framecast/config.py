@@ -47,9 +47,7 @@ class ModelConfig:
     eps: float = FINITE_POSITIVE(1e-6)
     rope_max_seq_len: int = POSITIVE(1024)  # only sizes the stock RoPE table; our RoPE is computed from positions
     num_actions: int = NON_NEGATIVE(0)  # > 0 adds a zero-initialised per-frame action embedder (world models)
-    # adds a zero-initialised embedding of each token's (row, column) after patchify (docs/world_model.md, "What
-    # limits the world model"): RoPE tells attention only relative offsets; a turn is a rotation about the agent
-    spatial_embed: bool = False
+    spatial_embed: bool = False  # + a zero-initialised (row, column) embedding per token (docs/world_model.md)
     attention_backend: str = one_of("sdpa", "flex")  # sdpa: dense boolean mask (CPU, training); flex: CUDA opt-in
     gradient_checkpointing: bool = False
     codec: str = "identity"  # the latent codec (models/codecs.py): identity = the frames are the latents (toys)
@@ -299,9 +297,8 @@ class Recipe:
 
 
 def _recipe_data(p: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """A recipe file's (base mapping, stages mapping, name), with `extends` resolved: the parent recipe's base and
-    stages, this file's `base` merged over the parent's and each of its `stages` merged over the parent's stage of
-    the same key (new keys run after the parent's). Ablations are a few lines over the recipe they vary."""
+    """A recipe file's (base, stages, name) with `extends` resolved: this file's `base` and each of its `stages`
+    merged over the parent's (same key), new stages after the parent's (docs/distillation.md)."""
     if p.resolve() in seen:
         raise ConfigError(f"recipe {str(p)!r} extends itself (through {' -> '.join(map(str, seen))})")
     data = read_yaml(p, "recipe")
@@ -319,8 +316,7 @@ def _recipe_data(p: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], 
     name = data.get("name", p.stem)
     if "extends" not in data:
         return base_data, stages, name
-    parent = data["extends"]
-    if not isinstance(parent, str):
+    if not isinstance(parent := data["extends"], str):
         raise ConfigError(f"recipe {str(p)!r}: `extends` must be a recipe YAML path, got {parent!r}")
     parent_base, parent_stages, _ = _recipe_data(p.parent / parent, seen + (p.resolve(),))
     merged = dict(parent_stages)
