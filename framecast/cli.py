@@ -193,7 +193,8 @@ def _add_train(sub) -> None:
     r = sub.add_parser("pipeline", help="run a recipe's stages in order (stage0 -> stage1 -> ode|cd -> dmd)")
     r.add_argument("--recipe", required=True, help="recipe YAML (configs/toy_*.yaml)")
     r.add_argument("--out", type=FOLDER, default="runs", help="where runs are written")
-    r.add_argument("--only", nargs="+", default=None, help="train only these stages (others must be finished)")
+    r.add_argument("--only", nargs="+", default=None,
+                   help="train only these stages (the stages they start from must be finished)")
     r.add_argument("--allow-config-change", action="store_true", help="resume stages under changed settings")
     r.add_argument("overrides", nargs="*", help="overrides applied to every stage, e.g. train.threads=2")
     r.add_argument("--plan", action="store_true", help="print per-rank memory of every stage, build nothing")

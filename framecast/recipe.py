@@ -215,8 +215,9 @@ def check_recipe(stages: list[C.RunConfig], only: list[str] | None = None) -> li
 def run_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, out_dir: str = "runs",
                only: list[str] | None = None, health_clips: int = 16,
                allow_change: bool = False) -> list[StageResult]:
-    """Run a recipe's stages in order (see the module docstring); `only` limits which stages train: the
-    stages before the last one it names must be finished, the stages after it are not run.
+    """Run a recipe's stages in order (see the module docstring); `only` limits which stages train: the stages
+    it names start from must be finished (an unfinished one that none of them reads is left alone, e.g. the
+    causal chain while `--only ode_sf dmd_sf_2step` trains the baseline), the stages after it are not run.
 
     `allow_change`: an unfinished stage may continue under changed settings (train_stage). After each stage
     its health check (eval/health.py) is printed and kept; `health_clips=0` skips it."""
@@ -226,17 +227,24 @@ def run_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     done: dict[str, StageResult] = {}
     first = recipe.stages[0]
     dist = distributed.init(first.train.device, shard_group=first.dist.shard_group)  # one process unless torchrun
+    pending: dict[str, StageResult] = {}  # unfinished stages outside `only`, kept in order as placeholders
     for key, cfg in zip(keys[:stop], recipe.stages[:stop]):
         cfg = resolve_refs(cfg, done, key)
+        reads = _reads_pending(cfg, pending)
+        if reads and key in (only or ()):
+            raise C.ConfigError(f"stage {reads[0]!r} is not finished and not among --only, and stage {key!r} "
+                                f"starts from it; add it to --only or finish it first")
         t0 = time.perf_counter()
         if cfg.use:  # an existing model stands in for this stage (e.g. stage0: {use: pretrained:toy-base})
             done[key] = used_stage(cfg, key)
             if health_clips and dist.main:
                 done[key].health = stage_health(done[key], health_clips)
             continue
-        found = finished(cfg)
-        if found is None and only is not None and key not in only:
-            raise C.ConfigError(f"stage {key!r} is not finished and not among --only {only}")
+        found = None if reads else finished(cfg)
+        if found is None and only is not None and key not in only:  # fine unless a stage of `only` reads it
+            pending[key] = StageResult(key, cfg, Path(f"<unfinished stage {key}>"), 0.0, False)
+            done[key] = pending[key]
+            continue
         if found is not None:
             print(f"== {key}: finished earlier, reusing {found}", flush=True)
             done[key] = StageResult(key, cfg, found, 0.0, True)
@@ -248,7 +256,14 @@ def run_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
         if health_clips and dist.main:  # under torchrun rank 0 checks (in one process) while the others wait
             done[key].health = stage_health(done[key], health_clips)
         dist.barrier()
-    return list(done.values())
+    return [r for k, r in done.items() if k not in pending]
+
+
+def _reads_pending(cfg: C.RunConfig, pending: dict[str, StageResult]) -> list[str]:
+    """The placeholder stages (unfinished, outside `--only`) a resolved stage config reads: an explicit `@` or a
+    default (init = the previous stage), so skipping a stage never silently changes what another starts from."""
+    text = json.dumps(C.to_dict(cfg))
+    return [k for k, r in pending.items() if json.dumps(str(r.ckpt)) in text]
 
 
 ZERO_INIT_MODEL_KEYS = ("spatial_embed",)  # model switches that add only zero-initialised modules

@@ -169,3 +169,23 @@ def test_minigrid_long_is_the_minigrid_recipe_with_a_larger_budget():
     assert [c.tag or c.stage for c in long.stages] == [c.tag or c.stage for c in base.stages]
     for a, b in zip(base.stages, long.stages):
         assert b.train.steps >= a.train.steps and b.model == a.model and b.train.lr == a.train.lr
+
+
+def test_only_leaves_an_unfinished_stage_alone_unless_a_named_stage_starts_from_it(tmp_path):
+    """`--only b` trains b from stage0 while stage1 (unfinished, read by nobody in --only) is left alone; a stage
+    of --only whose default init would be the unfinished stage is refused, naming it."""
+    from framecast.recipe import run_recipe
+
+    tiny = CONFIGS / "tiny.yaml"
+    recipe = _write(tmp_path / "r.yaml", f"name: r\nbase: {tiny}\nstages: {{stage0: {{train: {{steps: 2}}}}, "
+                                         "stage1: {train: {steps: 2}}, c: {stage: stage1, train: {steps: 2}}, "
+                                         "b: {stage: stage1, init: '@stage0', train: {steps: 2}}}")
+    kw = dict(out_dir=str(tmp_path / "runs"), health_clips=0)
+    run_recipe(recipe, ["train.progress=false"], only=["stage0"], **kw)
+    done = run_recipe(recipe, ["train.progress=false"], only=["b"], **kw)
+    assert [d.key for d in done] == ["stage0", "b"] and not (tmp_path / "runs" / "r" / "stage1" / "ckpt").exists()
+    from framecast.train import checkpoint as ckpt
+
+    assert ckpt.read_meta(done[1].ckpt)["config"]["init"] == str(done[0].ckpt)
+    with pytest.raises(C.ConfigError, match="stage 'stage1' is not finished .* stage 'c' starts from it"):
+        run_recipe(recipe, ["train.progress=false"], only=["c"], **kw)  # c's init defaults to the previous stage
