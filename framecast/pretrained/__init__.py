@@ -7,7 +7,9 @@ Anywhere a checkpoint path is accepted (`init=`, `dmd.real=`, `cd.teacher=`, `fr
 the SHA-256 of every shipped weight file; resolving a name checks it, so a truncated or replaced file is one
 error naming the file instead of a model that samples garbage (tests/test_pretrained.py checks it too).
 
-How each model was made, and its scores: docs/results.md ("The pretrained toy base").
+How each model was made, and its scores: docs/results.md ("The pretrained toy base") for `toy-base`, the text-to-video
+base every toy recipe starts from; docs/world_model.md for `minigrid`, the MiniGrid 2-step world-model student that
+`framecast play --pretrained minigrid` serves (it ships with its own start views, `start/`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ WEIGHTS = "model.safetensors"
 # name -> SHA-256 of its weights (ckpt/step_0000000/model.safetensors); update it with the file, never alone
 REGISTRY: dict[str, str] = {
     "toy-base": "ad4cb62436f3a7e1883c45a3ac6e763ee64f97f17df5f1507f95427fcc6df00f",
+    "minigrid": "2792275e15ff16bf43959aaa37e3ec981660f825175dd547b5e337aa96f4d51a",
 }
 
 _verified: set[str] = set()
