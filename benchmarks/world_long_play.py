@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=2, help="recording seed (0 trains, 1 is the short held-out set)")
     p.add_argument("--bucket", type=int, default=100)
     p.add_argument("--window", type=int, default=None, help="KV-cache frames (default: the play window)")
-    p.add_argument("--cache", default=None, help="IDM cache (default <ckpt>/../eval_cache)")
+    p.add_argument("--cache", default="runs/eval_cache", help="where the IDM is cached")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     if not keep:
         raise SystemExit(f"no episode of {rec} runs {a.frames} frames without a restart; record more")
     model = load(a.ckpt)
-    cache = Path(a.cache) if a.cache else Path(a.ckpt).parent / "eval_cache"
+    cache = Path(a.cache)
     idm, _ = W.load_or_train_idm(a.train, cache)
     t = time.perf_counter()
     out = long_play(model, ep["frames"][keep], ep["actions"][keep], manifest, idm=idm, bucket=a.bucket, window=a.window)
