@@ -57,10 +57,9 @@ def context_ceiling(frames: torch.Tensor, state: torch.Tensor, manifest: dict, c
             for (x, y), k in zip(xy[e, f].reshape(-1, 2).tolist(), lay[e, f].ravel().tolist()):
                 if k != UNSEEN:
                     seen[(x, y)] = k
+        walls = {p for p, k in seen.items() if k == WALL}
         for f in range(context, F):
             known[e, f] = np.array([seen.get((x, y), -1) for x, y in xy[e, f].reshape(-1, 2).tolist()]).reshape(n, n)
-            if f == context:
-                walls = {p for p, k in seen.items() if k == WALL}
             cont = np.array([any((x + a, y + b) in walls and (x + 2 * a, y + 2 * b) in walls
                                  for a, b in DIR_TO_VEC) for x, y in xy[e, f].reshape(-1, 2).tolist()])
             known[e, f] = np.where((known[e, f] < 0) & cont.reshape(n, n), -2, known[e, f])  # -2: continues a wall
