@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from framecast.data.envs import get_env
+from framecast.data.envs import episode_env_seed, get_env
 from framecast.eval import world as W
 from framecast.generate import load
 
@@ -31,9 +31,8 @@ def true_turns(episodes: int, seed: int, tile: int, size: int) -> tuple[torch.Te
     env = spec.make(tile)
     starts, after = [], {0: [], 1: []}
     for e in range(episodes):
-        env_seed = int(np.random.SeedSequence([seed, e]).generate_state(1)[0])  # as envs.record_episode
         for a in (0, 1):
-            obs, _ = env.reset(seed=env_seed)
+            obs, _ = env.reset(seed=episode_env_seed(seed, e))  # episode e's start, as `framecast record` has it
             if a == 0:
                 starts.append(spec.view(obs, size))
             obs, *_ = env.step(spec.env_actions[a])

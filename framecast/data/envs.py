@@ -11,16 +11,15 @@ manifest (docs/world_model.md, environments):
     state    [E, F, S] int64         true state per frame, named by manifest["state_fields"] (state probes,
                                      loop-closure checks): MiniGrid x, y, heading; Breakout paddle x, ball x, y
 
-An environment is one `Environment` subclass (its actions and their keys, how to make it, its exploration
-policy, its state and its view) registered in `ENVS`; recording, loading and `framecast play` read nothing
-else. Both environments have a "stay" action (MiniGrid's `done`, a no-op in FourRooms; Breakout's NOOP), so a
-player who holds no key gets a world that waits, not the model's guess of a random action (the null action
-means "unknown action", for CFG).
+An environment is one `Environment` subclass (its actions and keys, how to make it, its exploration policy,
+state and view) in `ENVS`; recording, loading and `framecast play` read nothing else. Both have a "stay"
+action (MiniGrid's `done`, a no-op in FourRooms; Breakout's NOOP): a player who holds no key gets a world that
+waits, not a guess of a random action (the null action means "unknown action", for CFG).
 
-Everything is deterministic per (seed, episode): episode e resets the environment with seed (seed, e) and
-draws its actions from Generator(seed, e), so a resumed recording writes exactly the shards an uninterrupted
-one would have, and held-out data is just another seed. MiniGrid's egocentric 7x7-cell view is rendered at
-`tile` px per cell (28 px at tile 4) and padded with black to `size`; Breakout's 210x160 screen is resized to
+Everything is deterministic per (seed, episode): episode e resets the environment with `episode_env_seed`
+and draws its actions from Generator(seed, e), so a resumed recording writes exactly the shards an
+uninterrupted one would have, and held-out data is just another seed. MiniGrid's egocentric 7x7-cell view is
+rendered at `tile` px per cell and padded with black to `size`; Breakout's 210x160 screen is resized to
 `size` x `size` (64 keeps the ball visible; docs/world_model.md, environments).
 """
 
@@ -188,12 +187,16 @@ def get_env(name: str | Environment) -> Environment:
     return ENVS[name]
 
 
+def episode_env_seed(seed: int, episode: int) -> int:
+    """The environment reset seed of episode `episode` of a recording with `seed`."""
+    return int(np.random.SeedSequence([seed, episode]).generate_state(1)[0])
+
+
 def record_episode(env, seed: int, episode: int, frames: int, size: int,
                    environment: str | Environment = "minigrid") -> dict[str, np.ndarray]:
     """Episode `episode` of the recording with `seed`: frames [F, 3, size, size], actions [F], state [F, S]."""
     spec = get_env(environment)
-    rng = np.random.default_rng([seed, episode])
-    env_seed = int(np.random.SeedSequence([seed, episode]).generate_state(1)[0])
+    rng, env_seed = np.random.default_rng([seed, episode]), episode_env_seed(seed, episode)
     obs, _ = env.reset(seed=env_seed)
     out_f, out_a, out_s = [spec.view(obs, size)], [spec.null_action], [spec.state(env)]
     blocked, a = False, -1
@@ -204,9 +207,7 @@ def record_episode(env, seed: int, episode: int, frames: int, size: int,
         blocked = spec.blocked(a, before, spec.state(env))
         if terminated or truncated:  # Breakout game over inside an episode: start a new game, keep recording
             obs, _ = env.reset(seed=env_seed + len(out_f))
-        out_f.append(spec.view(obs, size))
-        out_a.append(a)
-        out_s.append(spec.state(env))
+        out_f.append(spec.view(obs, size)), out_a.append(a), out_s.append(spec.state(env))
     return {"frames": np.stack(out_f), "actions": np.array(out_a, np.int64), "state": np.array(out_s, np.int64)}
 
 
@@ -216,8 +217,7 @@ def _manifest(spec: Environment, out: Path, **settings: Any) -> dict[str, Any]:
                 "null_action": spec.null_action, "state_fields": list(spec.state_fields), **settings}
     if (out / "manifest.json").exists():
         old = read_manifest(out)
-        diff = differing_keys(old, manifest)
-        if diff:
+        if diff := differing_keys(old, manifest):
             raise RecordError(f"{out} holds a different recording ({diff[0]}: {old.get(diff[0])!r} there, "
                               f"{manifest.get(diff[0])!r} asked); choose another --out")
     return manifest

@@ -117,6 +117,7 @@ def load_world(ckpt: str | Path, *, start: str | Path | None = None, window: int
     `start` (frame 0 of each episode), else a shipped model's own start views (pretrained:<name>), else the
     training one. Text models start from `prompt` (default: the
     run's first sample prompt) at `size` (height, width; default the model's)."""
+    from .. import pretrained
     from ..data.envs import ENVS
     from ..generate import load
 
@@ -131,8 +132,6 @@ def load_world(ckpt: str | Path, *, start: str | Path | None = None, window: int
     if not spec.causal:
         raise SessionError(f"{ckpt} is a bidirectional model; play needs a causal (AR) student or teacher")
     num_actions = getattr(getattr(m.denoiser, "action_embed", None), "num_actions", 0)
-    from .. import pretrained
-
     shipped = pretrained.start_frames(ckpt)  # a shipped world model carries its start views
     src = start or shipped or (cfg.data.path if cfg.data.name == "episodes" else None)
     manifest, frames = _start_frames(src, spec, explicit=bool(start)) if src else (None, None)

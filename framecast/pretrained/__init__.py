@@ -37,6 +37,10 @@ def is_name(path: str | Path) -> bool:
     return isinstance(path, str) and path.startswith(PREFIX)
 
 
+def _name(path: str | Path) -> str:
+    return str(path)[len(PREFIX):]
+
+
 def folder(name: str) -> Path:
     """The shipped folder of `name` (without the prefix); unknown names are one error listing the known ones."""
     if name not in REGISTRY:
@@ -59,7 +63,7 @@ def weights_file(name: str) -> Path:
 
 def resolve(path: str) -> Path:
     """`pretrained:<name>` -> its checkpoint folder, after checking the weights' SHA-256 (once per process)."""
-    name = path[len(PREFIX):]
+    name = _name(path)
     w = weights_file(name)
     if name not in _verified:
         if not w.is_file():
@@ -78,7 +82,7 @@ def start_frames(path: str | Path) -> Path | None:
     scripts/ship_pretrained.py), so `framecast play --pretrained <name>` needs no recording; None otherwise."""
     if not is_name(path):
         return None
-    start = folder(str(path)[len(PREFIX):]) / "start"
+    start = folder(_name(path)) / "start"
     return start if (start / "manifest.json").is_file() else None
 
 
