@@ -195,7 +195,7 @@ def evaluate_stage(path: Path, ep: dict, idm, probe, args) -> dict:
     try:
         src = ckpt.resolve(path)
     except CheckpointError as e:
-        return {"skipped": f"no checkpoint at {path} ({e})"}
+        return {"skipped": str(e)}  # names the path and what a checkpoint there lacks
     model = load(src)
     spec, cfg = model.spec, model.config
     manifest = ep["manifest"]
