@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -67,6 +68,23 @@ METHODS: tuple[Method, ...] = (
     Method("CF++ from the DF teacher, 2-step", "dmd_df_2step", "stage-1 ablation", init="cd_df", dmd=True),
 )
 METRICS = ("fidelity", "subject_consistency", "dynamic_degree", "motion_smoothness", "instruction_following")
+# The papers' orderings (docs/method.md §10) as paired comparisons (a, b, what a - b > 0 would confirm). Every
+# method samples the same captions with the same noise, so each clip gives one paired difference, and its
+# standard error is that of the per-clip differences (tighter than two independent errors combined).
+COMPARISONS: tuple[tuple[str, str, str], ...] = (
+    ("dmd_ode_1step", "dmd_sf_1step", "causal ODE init beats the bidirectional-teacher init, 1 step"),
+    ("dmd_1step", "dmd_sf_1step", "causal CD init beats the bidirectional-teacher init, 1 step"),
+    ("dmd_ode_2step", "dmd_sf_2step", "causal ODE init beats the bidirectional-teacher init, 2 steps"),
+    ("dmd_2step", "dmd_sf_2step", "causal CD init beats the bidirectional-teacher init, 2 steps"),
+    ("dmd_1step", "dmd_ode_1step", "CD beats ODE after DMD, 1 step"),
+    ("dmd_2step", "dmd_ode_2step", "CD beats ODE after DMD, 2 steps"),
+    ("dmd_2step", "dmd_1step", "2 steps beat 1"),
+    ("dmd_4step", "dmd_2step", "4 steps beat 2"),
+    ("dmd_2step", "dmd_chunk_4step", "frame-wise 2-step beats chunk-wise 4-step"),
+    ("dmd_2step", "dmd_df_2step", "the TF teacher's student beats the DF teacher's"),
+    ("stage1", "stage1_df", "the TF teacher beats the DF teacher"),
+    ("dmd_4step", "cd", "DMD improves on its CD init (4 steps both)"),
+)
 
 
 def stage_seconds(run_dir: Path) -> float:
@@ -114,10 +132,48 @@ def write_table(rows: list[dict], path: Path, command: str) -> Path:
         cells = []
         for key, _ in cols:
             v = r.get(key)
-            cells.append(_fmt(v, 1 if key in ("fd", "first_frame_ms", "fps") else 0 if key.endswith("_s") else 3))
+            cell = _fmt(v, 1 if key in ("fd", "first_frame_ms", "fps") else 0 if key.endswith("_s") else 3)
+            se = r.get(f"{key}_se")
+            cells.append(f"{cell} ±{se:.3f}" if key in METRICS and se is not None and not math.isnan(se) else cell)
         lines.append("| " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the per-clip differences a - b (the same captions and noise in both)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired clips differ in number: {len(a)} vs {len(b)}")
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    return float(d.mean()), T.standard_error(d)
+
+
+def comparisons(rows: list[dict]) -> list[dict]:
+    """Every COMPARISONS pair whose two methods were evaluated: per metric the paired difference, its standard
+    error and their ratio z (|z| > 3 reads as an ordering that holds beyond sampling noise)."""
+    by_stage = {r["stage"]: r for r in rows if r.get("stage")}
+    out = []
+    for a, b, claim in COMPARISONS:
+        if a in by_stage and b in by_stage:
+            res = {"a": a, "b": b, "claim": claim}
+            for k in METRICS:
+                diff, se = paired_difference(by_stage[a]["per_clip"][k], by_stage[b]["per_clip"][k])
+                res[k] = {"diff": diff, "se": se, "z": diff / se if se > 0 else float("nan")}
+            out.append(res)
+    return out
+
+
+def write_comparisons(rows: list[dict], path: Path) -> list[dict]:
+    """Append the paired comparisons to the results table (one row per ordering, `diff ±se (z)` per metric)."""
+    comps = comparisons(rows)
+    lines = ["", "Paired differences a - b over the same clips: mean ±standard error (z = mean / se).", "",
+             "| ordering | a | b | " + " | ".join(METRICS) + " |", "|" + "---|" * (3 + len(METRICS))]
+    for c in comps:
+        cells = [f"{c[k]['diff']:+.3f} ±{c[k]['se']:.3f} ({c[k]['z']:+.1f})" for k in METRICS]
+        lines.append(f"| {c['claim']} | {c['a']} | {c['b']} | " + " | ".join(cells) + " |")
+    with path.open("a") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return comps
 
 
 def run(*, out_dir: str = "runs", smoke: bool = False, clips: int | None = None, threads: int | None = None,
@@ -157,15 +213,20 @@ def run(*, out_dir: str = "runs", smoke: bool = False, clips: int | None = None,
             row["stage2_s"] = stage_seconds(results[m.init].cfg.run_dir) if m.init else None
             row["stage3_s"] = stage_seconds(results[m.stage].cfg.run_dir) if m.dmd else None
             row["checkpoint"] = str(results[m.stage].ckpt)
-        row.update(T.clip_metrics(video, captions))
+        scores = T.clip_scores(video, captions)
+        row.update({k: float(v.mean()) for k, v in scores.items()})
+        row.update({f"{k}_se": T.standard_error(scores[k]) for k in METRICS})
+        row["per_clip"] = {k: scores[k].tolist() for k in METRICS}
         row["fd"] = Fe.frechet_distance(Fe.features(encoder, video), ref_feats)
         rows.append(row)
         gif_rows.append((m.label.replace(": ", ":\n", 1), video[:4]))
     command = "framecast bench toy" + (" --smoke" if smoke else "")
     write_table(rows, root / "results.md", command)
+    write_comparisons(rows, root / "results.md")
     (root / "results.json").write_text(json.dumps(
         {"command": command, "clips": n, "encoder_accuracy": enc_acc, "threads": torch.get_num_threads(),
-         "methods": [asdict(m) for m in methods], "rows": rows}, indent=1, default=str))
+         "methods": [asdict(m) for m in methods], "rows": rows, "comparisons": comparisons(rows)},
+        indent=1, default=str))
     labelled_rows(gif_rows, root / "grid.gif", fps=any_cfg.sample.fps)
     print((root / "results.md").read_text())
     print(f"bench: {root}/results.md, results.json, grid.gif")

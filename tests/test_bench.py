@@ -27,6 +27,9 @@ def test_bench_smoke_writes_a_full_table(tmp_path):
     assert real["fidelity"] > 0.95 and real["dynamic_degree"] == 1.0  # the ceiling row is real data
     # the SF / CF / CF++ rows carry their Stage-2 and Stage-3 costs
     assert all(r["stage2_s"] > 0 and r["stage3_s"] > 0 for r in data["rows"] if "DMD" in r["method"])
-    table = (root / "results.md").read_text()
+    table, paired = (root / "results.md").read_text().split("Paired differences")
     assert table.count("\n| ") == len(labels) + 1
+    assert paired.count("\n| ") == len(bench.COMPARISONS) + 1  # every ordering's row, after its header
+    assert [c["claim"] for c in data["comparisons"]] == [c[2] for c in bench.COMPARISONS]
+    assert all(len(r["per_clip"]["fidelity"]) == data["clips"] for r in data["rows"])
     assert (root / "grid.gif").stat().st_size > 10_000

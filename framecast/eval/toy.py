@@ -219,17 +219,28 @@ def instruction_following(f: FrameFits, captions: list[str]) -> dict[str, np.nda
     return res
 
 
-def clip_metrics(video: Tensor, captions: list[str]) -> dict[str, float]:
-    """Means over the clips of every per-clip metric above (all in [0, 1], higher is better)."""
+def clip_scores(video: Tensor, captions: list[str]) -> dict[str, np.ndarray]:
+    """Every metric above per clip ([B] arrays in [0, 1], higher is better), for means and standard errors."""
     f = fit_frames(video)
     follow = instruction_following(f, captions)
-    return {"fidelity": float(fidelity(f).mean()),
-            "recognised": float(f.recognised.mean()),
-            "subject_consistency": float(subject_consistency(f).mean()),
-            "dynamic_degree": float(dynamic_degree(f, captions).mean()),
-            "motion_smoothness": float(motion_smoothness(f).mean()),
-            "instruction_following": float(follow["all"].mean()),
-            **{f"follow_{k}": float(v.mean()) for k, v in follow.items() if k != "all"}}
+    return {"fidelity": fidelity(f),
+            "recognised": f.recognised.mean(1),
+            "subject_consistency": subject_consistency(f),
+            "dynamic_degree": dynamic_degree(f, captions),
+            "motion_smoothness": motion_smoothness(f),
+            "instruction_following": follow["all"],
+            **{f"follow_{k}": v for k, v in follow.items() if k != "all"}}
+
+
+def clip_metrics(video: Tensor, captions: list[str]) -> dict[str, float]:
+    """Means over the clips of every per-clip metric above (all in [0, 1], higher is better)."""
+    return {k: float(v.mean()) for k, v in clip_scores(video, captions).items()}
+
+
+def standard_error(a: np.ndarray) -> float:
+    """Standard error of the mean of per-clip scores (sample standard deviation / sqrt(n)); nan below 2 clips."""
+    a = np.asarray(a, dtype=float)
+    return float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------------
