@@ -17,6 +17,7 @@ import json
 import math
 import statistics
 import time
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,6 +47,12 @@ class Method:
     init: str = ""  # the Stage-2 stage it was initialised from (its cost column)
     dmd: bool = False  # trained by Stage 3 (its own cost column)
     steps: int | None = None  # Euler steps per block of a multi-step model (few-step models use their own)
+    spec_of: str = ""  # sample `stage`'s network with this stage's sampling spec (no training of its own)
+
+    @property
+    def key(self) -> str:
+        """The row's identity in results.json and COMPARISONS: the stage, or `stage@spec_of`."""
+        return f"{self.stage}@{self.spec_of}" if self.spec_of else self.stage
 
 
 TEACHER_STEPS = 48
@@ -57,6 +64,8 @@ METHODS: tuple[Method, ...] = (
     Method("init only: SF bidirectional ODE, 4-step", "ode_sf", "init", init="ode_sf"),
     Method("init only: causal ODE, 4-step", "ode", "init", init="ode"),
     Method("init only: causal CD, 4-step", "cd", "init", init="cd"),
+    # what Stage 2 adds: the TF teacher's own network run with CD's 4-step schedule, no distillation
+    Method("no Stage 2: the TF teacher, CD's 4-step schedule", "stage1", "init", spec_of="cd"),
     Method("SF: bidirectional ODE + DMD, 1-step", "dmd_sf_1step", "frame-wise", init="ode_sf", dmd=True),
     Method("CF: causal ODE + DMD, 1-step", "dmd_ode_1step", "frame-wise", init="ode", dmd=True),
     Method("CF++: causal CD + DMD, 1-step", "dmd_1step", "frame-wise", init="cd", dmd=True),
@@ -84,6 +93,7 @@ COMPARISONS: tuple[tuple[str, str, str], ...] = (
     ("dmd_2step", "dmd_df_2step", "the TF teacher's student beats the DF teacher's"),
     ("stage1", "stage1_df", "the TF teacher beats the DF teacher"),
     ("dmd_4step", "cd", "DMD improves on its CD init (4 steps both)"),
+    ("cd", "stage1@cd", "CD improves on the undistilled teacher at the same 4 steps"),
 )
 
 
@@ -151,13 +161,13 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
 def comparisons(rows: list[dict]) -> list[dict]:
     """Every COMPARISONS pair whose two methods were evaluated: per metric the paired difference, its standard
     error and their ratio z (|z| > 3 reads as an ordering that holds beyond sampling noise)."""
-    by_stage = {r["stage"]: r for r in rows if r.get("stage")}
+    by_key = {r["key"]: r for r in rows if r.get("key")}
     out = []
     for a, b, claim in COMPARISONS:
-        if a in by_stage and b in by_stage:
+        if a in by_key and b in by_key:
             res = {"a": a, "b": b, "claim": claim}
             for k in METRICS:
-                diff, se = paired_difference(by_stage[a]["per_clip"][k], by_stage[b]["per_clip"][k])
+                diff, se = paired_difference(by_key[a]["per_clip"][k], by_key[b]["per_clip"][k])
                 res[k] = {"diff": diff, "se": se, "z": diff / se if se > 0 else float("nan")}
             out.append(res)
     return out
@@ -196,14 +206,16 @@ def run(*, out_dir: str = "runs", smoke: bool = False, clips: int | None = None,
                                                 steps=30 if smoke else 400, progress=progress)
     ref_feats = Fe.features(encoder, reference)
     rows, gif_rows = [], []
-    methods = [m for m in METHODS if not m.stage or m.stage in results]
+    methods = [m for m in METHODS if not m.stage or (m.stage in results and (m.spec_of or m.stage) in results)]
     for m in tqdm(methods, desc="bench: evaluate", disable=not progress):
-        row: dict = {"method": m.label, "stage": m.stage, "family": m.family}
+        row: dict = {"method": m.label, "stage": m.stage, "key": m.key, "family": m.family}
         if not m.stage:
             video = real
             row["steps"] = None
         else:
             lm = load(results[m.stage].ckpt)
+            if m.spec_of:
+                lm = dataclasses.replace(lm, spec=load(results[m.spec_of].ckpt).spec)
             steps = (4 if smoke else m.steps) if m.steps else None
             video = torch.cat([lm.sample(captions[i:i + 32], num_frames=d.num_frames, seed=1000 + i, steps=steps)
                                for i in range(0, n, 32)])

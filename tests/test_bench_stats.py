@@ -32,7 +32,7 @@ def test_comparisons_cover_the_evaluated_pairs_and_write_one_row_each(tmp_path):
     rng = np.random.default_rng(0)
 
     def row(stage, shift):
-        return {"stage": stage, "per_clip": {k: (rng.random(32) * 0.1 + shift).tolist() for k in bench.METRICS}}
+        return {"stage": stage, "key": stage, "per_clip": {k: (rng.random(32) * 0.1 + shift).tolist() for k in bench.METRICS}}
     rows = [row("dmd_2step", 0.6), row("dmd_sf_2step", 0.2), row("dmd_1step", 0.5)]  # no dmd_sf_1step here
     comps = bench.comparisons(rows)
     assert [(c["a"], c["b"]) for c in comps] == [("dmd_2step", "dmd_sf_2step"), ("dmd_2step", "dmd_1step")]
