@@ -237,6 +237,8 @@ def run_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
         t0 = time.perf_counter()
         if cfg.use:  # an existing model stands in for this stage (e.g. stage0: {use: pretrained:toy-base})
             done[key] = used_stage(cfg, key)
+            if dist.main:  # the stage's run dir then loads as that model (`framecast sample --ckpt runs/<name>/stage0`)
+                ckpt.write_used(cfg.run_dir, cfg.use)
             if health_clips and dist.main:
                 done[key].health = stage_health(done[key], health_clips)
             continue

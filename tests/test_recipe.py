@@ -1,8 +1,10 @@
+import json
 from pathlib import Path
 
 import pytest
 
 from framecast import config as C
+from framecast.train.checkpoint import CorruptCheckpoint
 
 
 def test_quickstart_recipe_loads_strictly(tmp_path):
@@ -114,11 +116,21 @@ def test_use_stage_stands_in_for_a_trained_one(tmp_path):
     done = run_recipe(recipe, ["train.progress=false"], out_dir=str(tmp_path / "runs"), health_clips=2)
     assert done[0].reused and done[0].ckpt == ckpt.resolve(base) and done[0].ref == base
     assert not (tmp_path / "runs" / "r" / "stage0" / "ckpt").exists()  # nothing trained there
+    assert ckpt.resolve(tmp_path / "runs" / "r" / "stage0") == ckpt.resolve(base)  # its run dir loads as the base
+    (tmp_path / "runs" / "r" / "stage0" / ckpt.USED).write_text("{not json")
+    with pytest.raises(CorruptCheckpoint, match="used.json is corrupt"):
+        ckpt.resolve(tmp_path / "runs" / "r" / "stage0")
+    (tmp_path / "runs" / "r" / "stage0" / ckpt.USED).write_text(json.dumps({"use": str(tmp_path / "runs" / "r" / "stage0")}))
+    with pytest.raises(CorruptCheckpoint, match="not another checkpoint"):
+        ckpt.resolve(tmp_path / "runs" / "r" / "stage0")
+    ckpt.write_used(tmp_path / "runs" / "r" / "stage0", base)
     assert [c.name for c in done[0].health.checks] == ["not noise", "objects present", "moves"]  # no loss log
     assert ckpt.read_meta(done[1].ckpt)["config"]["init"] == base
     scratch = run_recipe(recipe, ["train.progress=false", "use=", "name=r2"], out_dir=str(tmp_path / "runs"),
                          health_clips=0)
     assert not scratch[0].reused and (tmp_path / "runs" / "r2" / "stage0" / "ckpt").is_dir()
+    ckpt.write_used(tmp_path / "runs" / "r2" / "stage0", base)  # a stale pointer never hides a trained stage
+    assert ckpt.resolve(tmp_path / "runs" / "r2" / "stage0") == scratch[0].ckpt
     other = _write(tmp_path / "o.yaml", f"name: o\nbase: {tiny}\nstages: {{stage0: {{use: {base}, model: "
                                         f"{{num_layers: 3}}}}}}")
     with pytest.raises(C.ConfigError, match=r"another network .*model.num_layers"):

@@ -270,8 +270,31 @@ def resolve(path: str | Path) -> Path:
         found = latest(root)
         if found is not None:
             return found
+    if (p / USED).is_file():  # a recipe stage that `use:`d an existing model: its run dir points there
+        return resolve(read_used(p))
     raise CheckpointError(f"no checkpoint at {p} (expected {META}, or a ckpt/ folder with a complete step_* "
                           f"checkpoint)")
+
+
+USED = "used.json"  # in the run dir of a recipe stage with `use:` (recipe.py): the model that stood in for it
+
+
+def write_used(run_dir: str | Path, use: str) -> None:
+    """Record in a `use:` stage's run dir which model stood in for it, so the dir loads like a trained stage's."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / USED).write_text(json.dumps({"use": use}) + "\n")
+
+
+def read_used(run_dir: Path) -> str:
+    path = run_dir / USED
+    try:
+        use = json.loads(path.read_text())["use"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CorruptCheckpoint(f"{path} is corrupt ({e.__class__.__name__}); it should name the model that "
+                                f"stood in for this stage") from None
+    if not isinstance(use, str) or Path(use).resolve() == run_dir.resolve():
+        raise CorruptCheckpoint(f"{path} names {use!r}, not another checkpoint")
+    return use
 
 
 def read_meta(ckpt: str | Path) -> dict[str, Any]:
