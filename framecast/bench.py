@@ -97,6 +97,14 @@ COMPARISONS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+@torch.no_grad()
+def sample_clips(lm: LoadedModel, captions: list[str], num_frames: int, steps: int | None = None) -> torch.Tensor:
+    """The benchmark's samples of one model: the captions in batches of 32, noise seed 1000 + the batch's first
+    index, so every model (and benchmarks/cd_length.py) draws the same noise for the same caption."""
+    return torch.cat([lm.sample(captions[i:i + 32], num_frames=num_frames, seed=1000 + i, steps=steps)
+                      for i in range(0, len(captions), 32)])
+
+
 def stage_seconds(run_dir: Path) -> float:
     """Training wall time of a finished stage (the last logged `time`), plus ODE pair generation if any."""
     rows = read_log(run_dir)
@@ -217,8 +225,7 @@ def run(*, out_dir: str = "runs", smoke: bool = False, clips: int | None = None,
             if m.spec_of:
                 lm = dataclasses.replace(lm, spec=load(results[m.spec_of].ckpt).spec)
             steps = (4 if smoke else m.steps) if m.steps else None
-            video = torch.cat([lm.sample(captions[i:i + 32], num_frames=d.num_frames, seed=1000 + i, steps=steps)
-                               for i in range(0, n, 32)])
+            video = sample_clips(lm, captions, d.num_frames, steps)
             row["steps"] = lm.spec.replace(steps=steps).nfe if steps else lm.spec.nfe
             row["first_frame_ms"], row["fps"] = timing(lm, captions[0], d.num_frames, steps,
                                                        batch=min(8, n), repeats=1 if smoke else 3)
