@@ -25,14 +25,15 @@ def score_run(run: Path, clips: int) -> list[dict]:
     found = sorted(ckpt.scan(run / "ckpt"))  # (path, why incomplete or None), oldest first
     if not found:
         raise SystemExit(f"{run}: no ckpt/step_* checkpoints")
-    rows = []
+    rows, captions = [], None
     for path, why in found:
         if why is not None:  # e.g. the one a running stage is writing now
             ckpt.warn_bad(path, why, then="skipped")
             continue
         lm = load(path)
-        d = lm.config.data
-        _, captions = T.real_clips(clips, d.num_frames, d.height, d.width, seed=d.seed + 1)
+        d = lm.config.data  # one run, one data config: the held-out captions are drawn once
+        if captions is None:
+            _, captions = T.real_clips(clips, d.num_frames, d.height, d.width, seed=d.seed + 1)
         scores = T.clip_scores(bench.sample_clips(lm, captions, d.num_frames), captions)
         row = {"run": str(run), "step": int(path.name.split("_")[1]), "clips": clips}
         for k in bench.METRICS:

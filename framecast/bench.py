@@ -231,7 +231,7 @@ def run(*, out_dir: str = "runs", smoke: bool = False, clips: int | None = None,
                                                        batch=min(8, n), repeats=1 if smoke else 3)
             row["stage2_s"] = stage_seconds(results[m.init].cfg.run_dir) if m.init else None
             row["stage3_s"] = stage_seconds(results[m.stage].cfg.run_dir) if m.dmd else None
-            row["checkpoint"] = str(results[m.stage].ckpt)
+            row["checkpoint"] = results[m.stage].ref  # a shipped name, not this machine's path
         scores = T.clip_scores(video, captions)
         row.update({k: float(v.mean()) for k, v in scores.items()})
         row.update({f"{k}_se": T.standard_error(scores[k]) for k in METRICS})
