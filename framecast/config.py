@@ -146,6 +146,7 @@ class CDConfig:
     grid_steps: int = POSITIVE(48)  # N of the consistency grid; the few-step sigmas must lie on it
     guidance: float = FINITE(3.0)  # teacher CFG of the online Euler step
     target_decay: float = DECAY(0.99)  # EMA target network of the student (method.md §6)
+    boundary_pair: bool = False  # also train sigma_{N-1} -> 0, anchored on the teacher (method.md §12.5; ablation)
 
 
 @dataclass

@@ -259,7 +259,7 @@ def _cd(cfg: C.RunConfig, model: Denoiser, source, roles) -> StagePlan:
     c = cfg.cd
     objective = CausalCD(model, roles["teacher"], steps=c.grid_steps, shift=cfg.flow.shift,
                          block_size=cfg.objective.block_size, guidance=c.guidance, target_decay=c.target_decay,
-                         few_step_sigmas=ode_anchors(cfg))
+                         few_step_sigmas=ode_anchors(cfg), boundary_pair=c.boundary_pair)
     return StagePlan(objective, source)
 
 

@@ -227,6 +227,33 @@ def test_cd_trains_every_adjacent_pair_but_the_last():
             assert idx[round(t, 6)] == idx[round(a, 6)] + 1
 
 
+def test_cd_boundary_pair_trains_the_last_step_onto_the_teachers_one_step_x0():
+    """boundary_pair: n ~ U{0..N-1}; at n = N-1 the target is the teacher's Euler step to sigma 0 itself."""
+    N = 4
+    student, teacher = _SigmaStub(), _SigmaStub()
+    obj = CausalCD(student, teacher, steps=N, shift=SHIFT, block_size=1, guidance=1.0, target_decay=0.5,
+                   boundary_pair=True)
+    b = _batch(B=3, F=2)
+    for seed in range(40):
+        obj.losses(b, seed, torch.Generator().manual_seed(seed))
+    grid = flow.grid(N, SHIFT).float()
+    assert set(torch.stack(student.sigmas).unique().tolist()) == set(grid[:N].tolist())  # the last pair too
+    # a batch whose every video drew n = N-1: the loss is (G(x_n) - (x_n - s_{N-1} v_T(x_n)))^2
+    seed = next(s for s in range(2000)
+                if (torch.randint(0, N, (3,), generator=torch.Generator().manual_seed(s)) == N - 1).all())
+    g = torch.Generator().manual_seed(seed)
+    torch.randint(0, N, (3,), generator=g)
+    eps = torch.randn(b.video.shape, generator=g)
+    s = grid[N - 1]
+    x_n = (1 - s) * b.video + s * eps
+    with torch.no_grad():
+        teacher.w.fill_(0.3)  # a teacher unlike the student (and its target): the anchored loss is not zero
+        want = (flow.v_to_x0(x_n, student.w * x_n, s) - (x_n - s * teacher.w * x_n)).pow(2).mean()
+    loss = obj.losses(b, 0, torch.Generator().manual_seed(seed))["model"][0]
+    assert want.item() > 1e-4
+    torch.testing.assert_close(loss.detach(), want, atol=1e-7, rtol=1e-5)
+
+
 def test_cd_after_update_is_an_exact_ema_of_the_student():
     obj, student, _ = _cd(decay=0.75)
     g = torch.Generator().manual_seed(5)

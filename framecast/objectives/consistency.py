@@ -12,7 +12,9 @@ The teacher T is the frozen Stage-1 AR model, the context is the clean ground tr
 teacher-forcing plan, and the sigmas are the exact fp32 grid (the reference's bf16 timesteps make its
 first Euler step ~6 % short, method.md §12.6). The grid must contain the few-step sigmas (method.md §12.3). The pair
 (N-1 -> N) is never trained: the map near sigma 0 is anchored by the x - s v parameterisation and the
-Stage-1 initialisation (method.md §12.5). After every student update the target moves towards it with
+Stage-1 initialisation (method.md §12.5); `boundary_pair=True` trains it too, n ~ U{0..N-1}, whose target at
+sigma 0 is the teacher's own one-step x0 (G(x, 0) = x), an anchor that the chain of pairs above it otherwise
+lacks (an ablation, docs/results.md "CD's drift"; not the paper's objective). After every student update the target moves towards it with
 `target_decay` (`after_update`, called by the trainer) and is saved with the checkpoint (`state_modules`).
 """
 
@@ -46,7 +48,7 @@ def freeze(module):
 
 class CausalCD(Objective):
     def __init__(self, model, teacher, *, steps: int, shift: float, block_size: int, guidance: float,
-                 target_decay: float, few_step_sigmas: Tensor | None = None) -> None:
+                 target_decay: float, few_step_sigmas: Tensor | None = None, boundary_pair: bool = False) -> None:
         if steps < 2:
             raise ConfigError(f"cd.grid_steps must be >= 2 (a CD grid needs two points), got {steps}")
         if not 0.0 <= target_decay < 1.0:
@@ -57,6 +59,7 @@ class CausalCD(Objective):
         self.target = freeze(copy.deepcopy(model))  # theta^- starts at the student's initialisation
         self.sigmas = flow.grid(steps, shift).float()  # [N + 1], ends at 0
         self.steps, self.guidance, self.decay = steps, guidance, target_decay
+        self.pairs = steps if boundary_pair else steps - 1  # n ~ U{0..pairs-1}; the pair n -> n + 1
         self.plan = AttentionPlan("teacher_forcing", block_size)
         self.roles = {"model": model}
 
@@ -85,7 +88,7 @@ class CausalCD(Objective):
 
     def losses(self, batch: Batch, step: int, generator: torch.Generator) -> Losses:
         x_gt = batch.video  # [B, F, C, H, W]
-        n = rng.randint(0, self.steps - 1, (x_gt.shape[0],), generator).to(x_gt.device)  # [B]
+        n = rng.randint(0, self.pairs, (x_gt.shape[0],), generator).to(x_gt.device)  # [B]
         eps = rng.randn(x_gt.shape, generator).to(x_gt)
         x_n = flow.add_noise(x_gt, eps, self._sig(n, x_gt))
         x_next = self.teacher_step(x_n, n, batch)
