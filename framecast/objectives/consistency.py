@@ -12,10 +12,11 @@ The teacher T is the frozen Stage-1 AR model, the context is the clean ground tr
 teacher-forcing plan, and the sigmas are the exact fp32 grid (the reference's bf16 timesteps make its
 first Euler step ~6 % short, method.md §12.6). The grid must contain the few-step sigmas (method.md §12.3). The pair
 (N-1 -> N) is never trained: the map near sigma 0 is anchored by the x - s v parameterisation and the
-Stage-1 initialisation (method.md §12.5); `boundary_pair=True` trains it too, n ~ U{0..N-1}, whose target at
+Stage-1 initialisation (method.md §12.5). `boundary_pair=True` trains it too (n ~ U{0..N-1}): its target at
 sigma 0 is the teacher's own one-step x0 (G(x, 0) = x), an anchor that the chain of pairs above it otherwise
-lacks (an ablation, docs/results.md "CD's drift"; not the paper's objective). After every student update the target moves towards it with
-`target_decay` (`after_update`, called by the trainer) and is saved with the checkpoint (`state_modules`).
+lacks (not the paper's objective; docs/results.md, "The quickstart from the pretrained base"). After every
+student update the target moves towards it with `target_decay` (`after_update`, called by the trainer) and is
+saved with the checkpoint (`state_modules`).
 """
 
 from __future__ import annotations
