@@ -4,7 +4,11 @@
 
 Each checkpoint samples the same held-out captions (data seed + 1, as `framecast bench toy` uses) with the
 same noise seed, `--steps` Euler steps and the checkpoint's own CFG, and is scored by eval/toy.py. One JSON
-line per checkpoint: fidelity, consistency, dynamic, smoothness, instruction, and the seconds it took.
+line per checkpoint: fidelity, consistency, dynamic, smoothness, instruction, each with its standard error over
+the clips (`<metric>_se`), the seconds it took, and in `--out` the per-clip scores. With several checkpoints,
+each after the first also gets `paired`: per metric its mean difference to the first checkpoint on the same
+clips and noise, the standard error of that difference and z = difference / error (framecast/bench.py's paired
+comparison), which is what decides whether a retrained base is better than the shipped one.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from framecast.bench import paired_difference
 from framecast.eval import toy as T
 from framecast.generate import load
 from framecast.media import labelled_rows
@@ -33,9 +38,23 @@ def score(ckpt: str, clips: int, steps: int, seed: int = 1000, guidance: float |
                        for i in range(0, clips, 32)])
     if gif:  # the first 6 held-out captions: real clips above, the model's below
         labelled_rows([("real clips", real[:6]), (f"{Path(ckpt).name}\n{steps} steps", video[:6])], gif, fps=6)
-    row = {"ckpt": ckpt, "clips": clips, "steps": steps, **T.clip_metrics(video, captions),
-           "seconds": round(time.perf_counter() - t, 1)}
+    per_clip = {k: v.tolist() for k, v in T.clip_scores(video, captions).items()}
+    row = {"ckpt": ckpt, "clips": clips, "steps": steps, **{k: float(sum(v) / len(v)) for k, v in per_clip.items()},
+           **{f"{k}_se": T.standard_error(v) for k, v in per_clip.items() if k in PAIRED},
+           "seconds": round(time.perf_counter() - t, 1), "per_clip": per_clip}
     return row
+
+
+PAIRED = ("fidelity", "subject_consistency", "dynamic_degree", "motion_smoothness", "instruction_following")
+
+
+def paired(row: dict, first: dict) -> dict[str, str]:
+    """Per metric `diff ±se (z)` of `row` minus `first`, clip by clip (both sampled the same clips and noise)."""
+    out = {}
+    for k in PAIRED:
+        d, se = paired_difference(row["per_clip"][k], first["per_clip"][k])
+        out[k] = f"{d:+.3f} ±{se:.3f} ({d / se if se > 0 else float('nan'):+.1f})"
+    return out
 
 
 def main() -> None:
@@ -50,9 +69,15 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    first = None
     for c in a.ckpts:
         row = score(c, a.clips, a.steps, guidance=a.guidance, gif=a.gif if c == a.ckpts[-1] else "")
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        if first is None:
+            first = row
+        else:
+            row["paired"] = paired(row, first)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k != "per_clip"}),
+              flush=True)
         if a.out:
             with Path(a.out).open("a") as f:
                 f.write(json.dumps(row) + "\n")
