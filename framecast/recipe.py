@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import config as C
+from . import pretrained
 from . import stages as S
 from .eval.health import Health, check_stage
 from .generate import build_denoiser, describe, sample
@@ -159,6 +160,8 @@ def resolve_refs(cfg: C.RunConfig, done: dict[str, StageResult], key: str) -> C.
             v = done[v[1:]].ref
         elif not v:
             v = default
+        if pretrained.is_name(v):  # tied to the weights shipped now: a replaced shipped model is another run
+            v = pretrained.pinned(v)
         section, _, name = ref.rpartition(".")
         (update.setdefault(section, {}) if section else update)[name] = v
     return C.from_dict(update, base=cfg)

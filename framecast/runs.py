@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as C
+from . import pretrained
 from . import stages as S
 from .errors import CheckpointError
 from .schema import differing_keys
@@ -52,13 +53,25 @@ def changed_keys(saved: C.RunConfig, cfg: C.RunConfig, saved_world: int = 1) -> 
             d.pop(k, None)
         if d["train"].get("lr_schedule", "constant") == "constant":  # a cosine decay is a function of train.steps
             d["train"].pop("steps", None)
-    diff = differing_keys(a, b)
+    diff = [k for k in differing_keys(a, b) if not _unpinned_same_name(_at(a, k), _at(b, k))]
     if "train.global_batch" in diff:  # name what the user changed: the per-rank batch, accumulation or world size
         i = diff.index("train.global_batch")
         diff[i:i + 1] = [f"train.{k}" for k in ("batch_size", "grad_accum")
                          if getattr(saved.train, k) != getattr(cfg.train, k)] or \
             [f"the world size ({saved_world} -> {distributed.world_size()} processes)"]
     return diff
+
+
+def _at(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _unpinned_same_name(a: Any, b: Any) -> bool:
+    """A run stored with an unpinned `pretrained:<name>` (before names were pinned, framecast/pretrained) against
+    the same name pinned now: the same run as far as can be known, as it was before pinning."""
+    return all(isinstance(v, str) and pretrained.is_name(v) for v in (a, b)) and pretrained.same_model(a, b) is None
 
 
 def stored_run(cfg: C.RunConfig) -> tuple[Path, int, list[str]] | None:

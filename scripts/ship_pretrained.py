@@ -47,6 +47,7 @@ def main() -> None:
     w = saved / pretrained.WEIGHTS
     digest = pretrained.sha256(w)
     scores = json.loads(Path(a.scores).read_text().strip().splitlines()[-1])
+    scores = {k: v for k, v in scores.items() if k not in ("per_clip", "paired")}  # the means and errors, not 128 clips
     params = sum(t.numel() for t in ckpt.load_state_dict(saved, "model").values())
     manifest = {
         "name": a.name, "stage": meta["stage"], "steps": meta["step"], "parameters": params,

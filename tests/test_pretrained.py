@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,42 @@ def test_shipped_world_model_plays_and_its_scores_do_not_regress(name, one_threa
     assert set(got["scores"]) == set(shipped["scores"])
     for key, value in shipped["scores"].items():  # float summation order may differ across machines
         assert got["scores"][key] == pytest.approx(value, abs=0.02 if "psnr" in key else 0.005), key
+
+
+def test_a_pinned_name_loads_its_weights_and_refuses_a_replaced_file():
+    """`pretrained:<name>@<pin>` (what a recipe stores) resolves like the bare name while the shipped file is the
+    pinned one, and is one error naming both versions once the registry holds another file."""
+    name = "pretrained:toy-base"
+    pin = pretrained.pinned(name)
+    assert pin == f"{name}@{pretrained.REGISTRY['toy-base'][:pretrained.PIN]}" and pretrained.pinned(pin) == pin
+    assert ckpt.resolve(pin) == ckpt.resolve(name)
+    other = f"{name}@{'0' * pretrained.PIN}"
+    with pytest.raises(CheckpointError, match=f"SHA-256 starts {'0' * pretrained.PIN}, but the shipped "
+                                              f"pretrained:toy-base is now {pin.rpartition('@')[2]}"):
+        ckpt.resolve(other)
+    assert pretrained.same_model(pin, pin) is True and pretrained.same_model(pin, other) is False
+    assert pretrained.same_model(pin, name) is None  # unpinned: only the names can be compared
+    assert pretrained.same_model(pin, "pretrained:minigrid") is False
+    with pytest.raises(CheckpointError, match="no shipped model named pretrained:nope"):
+        pretrained.pinned("pretrained:nope")
+
+
+def test_recipes_pin_shipped_inits_so_a_replaced_base_is_another_run(tmp_path):
+    """A stage that starts from a shipped model stores the pinned name; a run stored with another pin is refused
+    as other settings, and one stored unpinned (before pinning) is still the same run."""
+    from framecast import config as C
+    from framecast.recipe import StageResult, resolve_refs
+    from framecast.runs import changed_keys
+
+    toy = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
+    base = C.load(toy, ["stage=stage0", f"out_dir={tmp_path}"])
+    used = StageResult("stage0", C.from_dict({"use": "pretrained:toy-base"}, base=base), tmp_path, 0.0, True)
+    stage1 = resolve_refs(C.from_dict({"stage": "stage1"}, base=base), {"stage0": used}, "stage1")
+    assert stage1.init == pretrained.pinned("pretrained:toy-base")
+    direct = resolve_refs(C.from_dict({"init": "pretrained:toy-base"}, base=base), {}, "stage0")
+    assert direct.init == stage1.init
+    assert changed_keys(stage1, stage1) == []
+    assert changed_keys(C.from_dict({"init": "pretrained:toy-base"}, base=stage1), stage1) == []
+    replaced = C.from_dict({"init": f"pretrained:toy-base@{'0' * pretrained.PIN}"}, base=stage1)
+    assert changed_keys(replaced, stage1) == ["init"]
+    assert changed_keys(C.from_dict({"init": "pretrained:minigrid"}, base=stage1), stage1) == ["init"]

@@ -10,6 +10,11 @@ error naming the file instead of a model that samples garbage (tests/test_pretra
 How each model was made, and its scores: docs/results.md ("The pretrained toy base") for `toy-base`, the text-to-video
 base every toy recipe starts from; docs/world_model.md for `minigrid`, the MiniGrid 2-step world-model student that
 `framecast play --pretrained minigrid` serves (it ships with its own start views, `start/`).
+
+A shipped model can be replaced by a better one under the same name. A run trained from it must then not pass
+for a run of the new one, so a recipe stores the name *pinned* to the weights it read, `pretrained:<name>@<the
+first PIN hex digits of its SHA-256>` (`pinned`, called by recipe.resolve_refs): resuming or reusing such a run
+after the shipped file changed is one error naming both files (runs.py), and loading the pinned name checks it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 
 PREFIX = "pretrained:"
+PIN = 12  # hex digits of the SHA-256 kept in a pinned name: 48 bits, ample to tell shipped versions apart
 ROOT = Path(__file__).resolve().parent
 WEIGHTS = "model.safetensors"
 
@@ -37,8 +43,30 @@ def is_name(path: str | Path) -> bool:
     return isinstance(path, str) and path.startswith(PREFIX)
 
 
+def _split(path: str | Path) -> tuple[str, str]:
+    """`pretrained:<name>[@<pin>]` -> (name, pin or "")."""
+    name, _, pin = str(path)[len(PREFIX):].partition("@")
+    return name, pin
+
+
 def _name(path: str | Path) -> str:
-    return str(path)[len(PREFIX):]
+    return _split(path)[0]
+
+
+def pinned(path: str) -> str:
+    """`pretrained:<name>@<pin>`: the name tied to the weights shipped now (a pinned name is returned as is)."""
+    name, pin = _split(path)
+    folder(name)  # an unknown name is its own error
+    return path if pin else f"{PREFIX}{name}@{REGISTRY[name][:PIN]}"
+
+
+def same_model(a: str, b: str) -> bool | None:
+    """Whether two pretrained names are the same weights: True / False when both are pinned, None when a name
+    is unpinned (stored by a framecast that did not pin), where only the names can be compared."""
+    (na, pa), (nb, pb) = _split(a), _split(b)
+    if na != nb:
+        return False
+    return pa == pb if pa and pb else None
 
 
 def folder(name: str) -> Path:
@@ -63,8 +91,13 @@ def weights_file(name: str) -> Path:
 
 def resolve(path: str) -> Path:
     """`pretrained:<name>` -> its checkpoint folder, after checking the weights' SHA-256 (once per process)."""
-    name = _name(path)
+    name, pin = _split(path)
     w = weights_file(name)
+    if pin and not REGISTRY[name].startswith(pin):
+        raise CheckpointError(f"{path} names the {PREFIX}{name} whose SHA-256 starts {pin}, but the shipped "
+                              f"{PREFIX}{name} is now {REGISTRY[name][:PIN]}: the shipped model was replaced "
+                              f"since (its manifest.json says how the new one was made); use {PREFIX}{name} for "
+                              f"the new one, or the framecast release that shipped {pin}")
     if name not in _verified:
         if not w.is_file():
             raise CheckpointError(f"{PREFIX}{name}: its weights {w} are missing (a broken install? reinstall "
