@@ -1,3 +1,6 @@
+import contextlib
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -5,6 +8,20 @@ import torch
 
 from framecast import config as C
 from framecast.generate import build_denoiser
+
+
+@contextlib.contextmanager
+def benchmark_module(name: str):
+    """benchmarks/<name>.py imported as module `name` (registered in sys.modules while in use: dataclasses look
+    their module up there), for the tests that keep the benchmark scripts from rotting."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture(scope="module")

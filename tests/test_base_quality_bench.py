@@ -1,7 +1,6 @@
 """benchmarks/base_quality.py, the script that decides whether a retrained toy base ships: its rows carry per-clip
 scores and standard errors, and a second checkpoint is compared to the first clip by clip."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.conftest import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "base_quality.py"
@@ -16,12 +16,8 @@ SCRIPT = ROOT / "benchmarks" / "base_quality.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("base_quality", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["base_quality"] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("base_quality", None)
+    with benchmark_module("base_quality") as mod:
+        yield mod
 
 
 def test_paired_difference_of_a_shifted_row_is_the_shift_with_its_standard_error(bench):

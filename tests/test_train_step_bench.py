@@ -2,7 +2,6 @@
 cannot rot: one process and one torchrun launch (FSDP2 on gloo) report every figure, and its FLOP accounting
 agrees with torch's own count of the matmuls of a step."""
 
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = {"GLOO_SOCKET_IFNAME": "lo"}  # gloo over loopback: no dependence on the host name resolving
@@ -25,12 +25,8 @@ FIGURES = ["step_s_median", "step_s", "peak_mem_mib", "memory_kind", "params_tra
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("train_step", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["train_step"] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("train_step", None)
+    with benchmark_module("train_step") as mod:
+        yield mod
 
 
 def check(res: dict) -> None:

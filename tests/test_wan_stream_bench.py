@@ -1,12 +1,11 @@
 """benchmarks/wan_stream.py at a scaled-down CPU shape (tiny preset, 64x96 pixels, a tiny Wan VAE), so the
 Wan2.1-scale GPU benchmark cannot rot: every figure is in the JSON, with sane values."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from tests.conftest import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--device", "cpu", "--preset", "tiny", "--height", "64", "--width", "96", "--frames", "8", "--window", "6",
@@ -18,12 +17,8 @@ FIGURES = ["latent_fps", "video_fps_no_decode", "first_frame_latency_ms", "stead
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("wan_stream", ROOT / "benchmarks" / "wan_stream.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["wan_stream"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("wan_stream", None)
+    with benchmark_module("wan_stream") as mod:
+        yield mod
 
 
 def test_cpu_run_reports_every_figure(bench, one_thread, tmp_path, capsys):
