@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from framecast.bench import paired_difference
+from framecast import bench
 from framecast.eval import toy as T
 from framecast.generate import load
 from framecast.media import labelled_rows
@@ -45,16 +45,12 @@ def score(ckpt: str, clips: int, steps: int, seed: int = 1000, guidance: float |
     return row
 
 
-PAIRED = ("fidelity", "subject_consistency", "dynamic_degree", "motion_smoothness", "instruction_following")
+PAIRED = bench.METRICS  # the benchmark's metrics, compared as its orderings are
 
 
 def paired(row: dict, first: dict) -> dict[str, str]:
     """Per metric `diff ±se (z)` of `row` minus `first`, clip by clip (both sampled the same clips and noise)."""
-    out = {}
-    for k in PAIRED:
-        d, se = paired_difference(row["per_clip"][k], first["per_clip"][k])
-        out[k] = f"{d:+.3f} ±{se:.3f} ({d / se if se > 0 else float('nan'):+.1f})"
-    return out
+    return {k: bench.paired_cell(c) for k, c in bench.paired(row["per_clip"], first["per_clip"]).items()}
 
 
 def main() -> None:

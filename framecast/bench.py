@@ -166,6 +166,21 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
     return float(d.mean()), T.standard_error(d)
 
 
+def paired(a: dict[str, list[float]], b: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Per metric of METRICS, from two methods' per-clip scores: the paired difference a - b, its standard error and
+    z = diff / se."""
+    out = {}
+    for k in METRICS:
+        diff, se = paired_difference(a[k], b[k])
+        out[k] = {"diff": diff, "se": se, "z": diff / se if se > 0 else float("nan")}
+    return out
+
+
+def paired_cell(c: dict[str, float]) -> str:
+    """One `paired` entry as a table cell: `diff ±se (z)`."""
+    return f"{c['diff']:+.3f} ±{c['se']:.3f} ({c['z']:+.1f})"
+
+
 def comparisons(rows: list[dict]) -> list[dict]:
     """Every COMPARISONS pair whose two methods were evaluated: per metric the paired difference, its standard
     error and their ratio z (|z| > 3 reads as an ordering that holds beyond sampling noise)."""
@@ -173,11 +188,7 @@ def comparisons(rows: list[dict]) -> list[dict]:
     out = []
     for a, b, claim in COMPARISONS:
         if a in by_key and b in by_key:
-            res = {"a": a, "b": b, "claim": claim}
-            for k in METRICS:
-                diff, se = paired_difference(by_key[a]["per_clip"][k], by_key[b]["per_clip"][k])
-                res[k] = {"diff": diff, "se": se, "z": diff / se if se > 0 else float("nan")}
-            out.append(res)
+            out.append({"a": a, "b": b, "claim": claim, **paired(by_key[a]["per_clip"], by_key[b]["per_clip"])})
     return out
 
 
@@ -187,7 +198,7 @@ def write_comparisons(rows: list[dict], path: Path) -> list[dict]:
     lines = ["", "Paired differences a - b over the same clips: mean ±standard error (z = mean / se).", "",
              "| ordering | a | b | " + " | ".join(METRICS) + " |", "|" + "---|" * (3 + len(METRICS))]
     for c in comps:
-        cells = [f"{c[k]['diff']:+.3f} ±{c[k]['se']:.3f} ({c[k]['z']:+.1f})" for k in METRICS]
+        cells = [paired_cell(c[k]) for k in METRICS]
         lines.append(f"| {c['claim']} | {c['a']} | {c['b']} | " + " | ".join(cells) + " |")
     with path.open("a") as fh:
         fh.write("\n".join(lines) + "\n")
