@@ -18,12 +18,12 @@ def record(args: argparse.Namespace) -> None:
     from .data.envs import record
 
     path = record(args.env, args.out, episodes=args.episodes, frames=args.frames, seed=args.seed, tile=args.tile,
-                  size=args.size, shard_size=args.shard_size)
+                  size=args.size, shard_size=args.shard_size, align=args.align)
     print(f"recorded {args.episodes} episodes x {args.frames} frames: {path.parent}")
 
 
 def add_record(sub) -> None:
-    from .data.envs import ENVS
+    from .data.envs import ALIGNS, ENVS
 
     w = sub.add_parser("record", help="record episodes (frames + actions) from an environment; resumable")
     w.add_argument("env", choices=sorted(ENVS), help="the environment (data/envs.py)")
@@ -35,6 +35,9 @@ def add_record(sub) -> None:
     w.add_argument("--size", type=POS, default=None,
                    help="frame size: MiniGrid views are padded to it (default 32), Breakout resized (default 64)")
     w.add_argument("--shard-size", type=POS, default=64, help="episodes per shard")
+    w.add_argument("--align", choices=ALIGNS, default="center",
+                   help="MiniGrid: where the view sits in its padded frame; tile = on the tile grid, so that with "
+                        "patch = tile each token is one cell (docs/world_model.md)")
     w.set_defaults(fn=record)
 
 

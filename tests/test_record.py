@@ -62,6 +62,38 @@ def test_record_refuses_a_different_recording_and_names_bad_files(tmp_path):
         record("doom", tmp_path / "x", episodes=1, frames=2)
 
 
+def test_align_tile_puts_the_view_on_the_token_grid_and_keeps_every_cell(tmp_path):
+    """`align="tile"` moves MiniGrid's view to the tile grid (offset 0), so that with patch = tile each token is one
+    cell; it is the same recording otherwise: the layout rule reads the same cells from both, the padding is black,
+    and a manifest written before `align` existed reads as centred."""
+    from framecast.eval.world import minigrid_layout, to_video
+
+    c = load_episodes(record("minigrid", tmp_path / "c", episodes=3, frames=6, seed=2, progress=False).parent)
+    t = load_episodes(record("minigrid", tmp_path / "t", episodes=3, frames=6, seed=2, align="tile",
+                             progress=False).parent)
+    assert c["manifest"]["align"] == "center" and t["manifest"]["align"] == "tile"
+    assert torch.equal(t["frames"][..., :28, :28], c["frames"][..., 2:30, 2:30])  # 7 cells x tile 4 = 28 px
+    assert t["frames"][..., 28:, :].eq(0).all() and t["frames"][..., :, 28:].eq(0).all()
+    assert torch.equal(t["actions"], c["actions"]) and torch.equal(t["state"], c["state"])
+    lay_c = minigrid_layout(to_video(c["frames"]), tile=4, size=32)
+    lay_t = minigrid_layout(to_video(t["frames"]), tile=4, size=32, align="tile")
+    assert torch.equal(lay_c, lay_t)
+    assert not torch.equal(minigrid_layout(to_video(t["frames"]), tile=4, size=32), lay_t)  # misread as centred
+    # a recording from before `align`: its manifest has no key and reads as centred; resuming it still works
+    man = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    del man["align"]
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(man))
+    assert load_episodes(tmp_path / "c")["manifest"]["align"] == "center"
+    record("minigrid", tmp_path / "c", episodes=3, frames=6, seed=2, progress=False)
+    with pytest.raises(RecordError, match="align: 'center' there, 'tile' asked"):
+        record("minigrid", tmp_path / "c", episodes=3, frames=6, seed=2, align="tile", progress=False)
+    with pytest.raises(RecordError, match="unknown view alignment 'left'"):
+        record("minigrid", tmp_path / "x", episodes=1, frames=2, align="left", progress=False)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(RecordError, match="resized, not padded"):
+        record("breakout", tmp_path / "y", episodes=1, frames=2, align="tile", progress=False)
+
+
 def test_record_cli(tmp_path, capsys):
     assert main(["record", "minigrid", "--out", str(tmp_path), "--episodes", "3", "--frames", "5",
                  "--shard-size", "2"]) == 0

@@ -83,8 +83,8 @@ class Environment:
         """The true state of `env` now, one int per state field."""
         raise NotImplementedError
 
-    def view(self, obs: Any, size: int) -> np.ndarray:
-        """The observation as a frame [3, size, size] uint8."""
+    def view(self, obs: Any, size: int, align: str = "center") -> np.ndarray:
+        """The observation as a frame [3, size, size] uint8 (`align`: where a smaller view sits, ALIGNS)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -124,13 +124,13 @@ class MiniGrid(Environment):
         u = env.unwrapped
         return [int(u.agent_pos[0]), int(u.agent_pos[1]), int(u.agent_dir)]
 
-    def view(self, obs: Any, size: int) -> np.ndarray:
+    def view(self, obs: Any, size: int, align: str = "center") -> np.ndarray:
         img = obs["image"]  # [h, w, 3] uint8
         h, w = img.shape[:2]
         if h > size or w > size:
             raise RecordError(f"the view is {h}x{w} px; size {size} is too small (use a smaller tile)")
         pad = np.zeros((size, size, 3), np.uint8)
-        top, left = (size - h) // 2, (size - w) // 2
+        top, left = view_offset(align, size, h), view_offset(align, size, w)
         pad[top:top + h, left:left + w] = img
         return pad.transpose(2, 0, 1)  # [3, size, size]
 
@@ -167,11 +167,25 @@ class Breakout(Environment):
         ram = env.unwrapped.ale.getRAM()  # Breakout RAM: 72 paddle x, 99 ball x, 101 ball y
         return [int(ram[72]), int(ram[99]), int(ram[101])]
 
-    def view(self, obs: Any, size: int) -> np.ndarray:
+    def view(self, obs: Any, size: int, align: str = "center") -> np.ndarray:
         from PIL import Image
 
         img = Image.fromarray(obs).resize((size, size), Image.BILINEAR)  # 210x160 -> size x size
         return np.asarray(img).transpose(2, 0, 1).copy()
+
+
+# Where MiniGrid's view (cells x tile px) sits in its size x size frame. "center": padded evenly, the first
+# recordings' layout (28 px at offset 2 in 32, so every 4x4 patch straddles four cells). "tile": at the top-left
+# corner, so that with patch = tile each token is exactly one cell and a step forward or a turn moves whole
+# tokens (docs/world_model.md, "Tokens on cells"). A manifest without the key is "center".
+ALIGNS = ("center", "tile")
+
+
+def view_offset(align: str, size: int, view: int) -> int:
+    """The pixel offset of a `view`-px view padded to `size` px under `align` (ALIGNS)."""
+    if align not in ALIGNS:
+        raise RecordError(f"unknown view alignment {align!r}; choose one of {ALIGNS}")
+    return (size - view) // 2 if align == "center" else 0
 
 
 ENVS: dict[str, Environment] = {e.name: e for e in (MiniGrid(), Breakout())}
@@ -193,12 +207,12 @@ def episode_env_seed(seed: int, episode: int) -> int:
 
 
 def record_episode(env, seed: int, episode: int, frames: int, size: int,
-                   environment: str | Environment = "minigrid") -> dict[str, np.ndarray]:
+                   environment: str | Environment = "minigrid", align: str = "center") -> dict[str, np.ndarray]:
     """Episode `episode` of the recording with `seed`: frames [F, 3, size, size], actions [F], state [F, S]."""
     spec = get_env(environment)
     rng, env_seed = np.random.default_rng([seed, episode]), episode_env_seed(seed, episode)
     obs, _ = env.reset(seed=env_seed)
-    out_f, out_a, out_s = [spec.view(obs, size)], [spec.null_action], [spec.state(env)]
+    out_f, out_a, out_s = [spec.view(obs, size, align)], [spec.null_action], [spec.state(env)]
     blocked, a = False, -1
     for _ in range(frames - 1):
         a = spec.policy_step(rng, a, blocked)
@@ -207,7 +221,7 @@ def record_episode(env, seed: int, episode: int, frames: int, size: int,
         blocked = spec.blocked(a, before, spec.state(env))
         if terminated or truncated:  # Breakout game over inside an episode: start a new game, keep recording
             obs, _ = env.reset(seed=env_seed + len(out_f))
-        out_f.append(spec.view(obs, size)), out_a.append(a), out_s.append(spec.state(env))
+        out_f.append(spec.view(obs, size, align)), out_a.append(a), out_s.append(spec.state(env))
     return {"frames": np.stack(out_f), "actions": np.array(out_a, np.int64), "state": np.array(out_s, np.int64)}
 
 
@@ -251,7 +265,7 @@ def _todo(out: Path, manifest: dict[str, Any]) -> list[int]:
 
 
 def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: int = 0, tile: int = 4,
-           size: int | None = None, shard_size: int = 64, progress: bool = True) -> Path:
+           size: int | None = None, shard_size: int = 64, align: str = "center", progress: bool = True) -> Path:
     """Record (or finish recording) `episodes` episodes into `out`; returns the manifest path.
 
     Everything is checked before anything is written: the settings, the manifest already in `out` (the same
@@ -260,10 +274,13 @@ def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: 
 
     spec = get_env(env_name)
     size = _check_settings(spec, size, episodes=episodes, frames=frames, tile=tile, shard_size=shard_size)
+    view_offset(align, size, size)  # a RecordError for an unknown alignment, before anything is written
+    if align != "center" and not isinstance(spec, MiniGrid):
+        raise RecordError(f"align={align!r} places MiniGrid's padded view; {spec.name} frames are resized, not padded")
     if (out := Path(out)).exists() and not out.is_dir():
         raise RecordError(f"--out {out} is not a folder")
     manifest = _manifest(spec, out, episodes=episodes, frames=frames, seed=seed, tile=tile, size=size,
-                         shard_size=shard_size)
+                         shard_size=shard_size, align=align)
     todo = _todo(out, manifest) if out.is_dir() else list(range(-(-episodes // shard_size)))
     env = spec.make(tile)
     out.mkdir(parents=True, exist_ok=True)
@@ -273,7 +290,7 @@ def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: 
     bar = tqdm(total=episodes, initial=done, desc=f"record {spec.name}", unit="ep", disable=not progress)
     for i in todo:
         eps = range(i * shard_size, min((i + 1) * shard_size, episodes))
-        rec = [record_episode(env, seed, e, frames, size, spec) for e in eps]
+        rec = [record_episode(env, seed, e, frames, size, spec, align) for e in eps]
         tensors = {k: torch.from_numpy(np.ascontiguousarray(np.stack([r[k] for r in rec]))) for k in SHARD_KEYS}
         tmp = out / f"shard_{i:05d}.tmp"
         save_file(tensors, str(tmp))
@@ -299,6 +316,9 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         v = manifest[k]
         if not isinstance(v, int) or isinstance(v, bool) or v < least:
             raise RecordError(f"recording manifest {path}: {k} must be an integer >= {least}, got {v!r}")
+    manifest.setdefault("align", "center")  # recordings made before `align` existed
+    if manifest["align"] not in ALIGNS:
+        raise RecordError(f"recording manifest {path}: align must be one of {ALIGNS}, got {manifest['align']!r}")
     return manifest
 
 

@@ -46,7 +46,8 @@ def context_ceiling(frames: torch.Tensor, state: torch.Tensor, manifest: dict, c
     E, F = frames.shape[:2]
     if not 0 < context < F:
         raise ValueError(f"context {context} must be in [1, {F})")
-    lay = minigrid_layout(frames.float() / 127.5 - 1, tile=int(manifest["tile"]), size=int(manifest["size"]))
+    lay = minigrid_layout(frames.float() / 127.5 - 1, tile=int(manifest["tile"]), size=int(manifest["size"]),
+                          align=manifest.get("align", "center"))
     lay = lay.numpy()  # [E, F, 7, 7]
     xy = view_world_coords(state.numpy()[..., :3])  # [E, F, 7, 7, 2]
     n = lay.shape[-1]

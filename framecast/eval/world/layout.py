@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ...data.envs import view_offset
 from .pixels import psnr
 
 Tensor = torch.Tensor
@@ -27,11 +28,11 @@ VIEW_CELLS = 7  # MiniGrid's default agent_view_size
 LOOP_SEQUENCES = ("left", "right", "stay")  # the action repeated in each loop-closure rollout
 
 
-def minigrid_layout(video: Tensor, *, tile: int, size: int, cells: int = VIEW_CELLS) -> Tensor:
+def minigrid_layout(video: Tensor, *, tile: int, size: int, align: str = "center", cells: int = VIEW_CELLS) -> Tensor:
     """Frames [..., 3, H, W] in [-1, 1] -> cell classes [..., cells, cells] (LAYOUT_CLASSES), the agent at the
-    bottom-middle cell looking up. `tile` and `size` are the recording's (its manifest)."""
+    bottom-middle cell looking up. `tile`, `size` and `align` are the recording's (its manifest)."""
     view = cells * tile
-    off = (size - view) // 2  # framecast record pads the view to size x size, centred
+    off = view_offset(align, size, view) if view <= size else -1  # where framecast record put the view
     if off < 0 or tuple(video.shape[-2:]) != (size, size):
         raise ValueError(f"frames of {tuple(video.shape[-2:])} px do not hold a {cells}x{cells}-cell view at tile "
                          f"{tile} padded to {size}")
@@ -54,7 +55,7 @@ def free_ahead(layout: Tensor) -> Tensor:
 
 def layout_scores(pred: Tensor, target: Tensor, manifest: dict, suffix: str = "") -> dict[str, float]:
     """Cell accuracy of the generated layout vs the recorded one, and the error of the free cells ahead."""
-    kw = dict(tile=int(manifest["tile"]), size=int(manifest["size"]))
+    kw = dict(tile=int(manifest["tile"]), size=int(manifest["size"]), align=manifest.get("align", "center"))
     lp, lt = minigrid_layout(pred, **kw), minigrid_layout(target, **kw)  # [..., 7, 7]
     return {f"layout_acc{suffix}": float((lp == lt).float().mean()),
             f"ahead_mae{suffix}": float((free_ahead(lp) - free_ahead(lt)).abs().float().mean())}

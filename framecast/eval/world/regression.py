@@ -25,10 +25,10 @@ def check_scores(model: LoadedModel, recording: dict, *, episodes: int = 8, fram
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "check"
         record(recording["env"], root, episodes=episodes, frames=frames, seed=seed, tile=int(recording["tile"]),
-               size=int(recording["size"]), progress=False)
+               size=int(recording["size"]), align=recording.get("align", "center"), progress=False)
         ep = load_episodes(root)
         m = world_metrics(model, ep, None, None, loop_starts=0)
         man = read_manifest(root)
     out = {k: float(m[k]) for k in KEYS if k in m}
     return {"episodes": episodes, "frames": frames, "seed": seed, "env": man["env"], "tile": int(man["tile"]),
-            "size": int(man["size"]), "scores": out}
+            "size": int(man["size"]), "align": man["align"], "scores": out}
