@@ -18,7 +18,8 @@ def record(args: argparse.Namespace) -> None:
     from .data.envs import record
 
     path = record(args.env, args.out, episodes=args.episodes, frames=args.frames, seed=args.seed, tile=args.tile,
-                  size=args.size, shard_size=args.shard_size, align=args.align)
+                  size=args.size, shard_size=args.shard_size, align=args.align,
+                  turn_repeat=args.turn_repeat)
     print(f"recorded {args.episodes} episodes x {args.frames} frames: {path.parent}")
 
 
@@ -38,6 +39,8 @@ def add_record(sub) -> None:
     w.add_argument("--align", choices=ALIGNS, default="center",
                    help="MiniGrid: where the view sits in its padded frame; tile = on the tile grid, so that with "
                         "patch = tile each token is one cell (docs/world_model.md)")
+    w.add_argument("--turn-repeat", type=float, default=0.0,
+                   help="MiniGrid: chance that a turn is followed by the same turn (runs of turns close loops)")
     w.set_defaults(fn=record)
 
 

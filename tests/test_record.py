@@ -94,6 +94,34 @@ def test_align_tile_puts_the_view_on_the_token_grid_and_keeps_every_cell(tmp_pat
         record("breakout", tmp_path / "y", episodes=1, frames=2, align="tile", progress=False)
 
 
+def test_turn_repeat_records_runs_of_turns_and_zero_is_the_first_policy(tmp_path):
+    """--turn-repeat p: a turn is followed by the same turn with probability p (runs of four close a loop); at 0
+    the recording is the first policy's, draw for draw."""
+    import numpy as np
+
+    from framecast.data.envs import MiniGrid
+
+    spec, rng_a, rng_b = MiniGrid(), np.random.default_rng(0), np.random.default_rng(0)
+    first = [int(rng_a.choice(4, p=[0.15, 0.15, 0.55, 0.15])) for _ in range(200)]  # the first policy, unblocked
+    assert [spec.policy_step(rng_b, 0, False, 0.0) for _ in range(200)] == first  # after a turn: no extra draw
+    base = load_episodes(record("minigrid", tmp_path / "a", episodes=16, frames=16, seed=0, progress=False).parent)
+    runs = load_episodes(record("minigrid", tmp_path / "b", episodes=16, frames=16, seed=0, turn_repeat=0.8,
+                                progress=False).parent)
+    assert base["manifest"]["turn_repeat"] == 0.0 and runs["manifest"]["turn_repeat"] == 0.8
+
+    def repeats(a):  # how often a turn is followed by the same turn
+        prev, nxt = a[:, 1:-1], a[:, 2:]
+        turn = prev < 2
+        return float((nxt[turn] == prev[turn]).float().mean())
+
+    assert repeats(runs["actions"]) > 0.75 > 0.4 > repeats(base["actions"])
+    assert torch.equal(runs["frames"][:, 0], base["frames"][:, 0])  # the same worlds, explored differently
+    with pytest.raises(RecordError, match="probability in"):
+        record("minigrid", tmp_path / "x", episodes=1, frames=2, turn_repeat=1.0, progress=False)
+    with pytest.raises(RecordError, match="its own policy"):
+        record("breakout", tmp_path / "y", episodes=1, frames=2, turn_repeat=0.5, progress=False)
+
+
 def test_record_cli(tmp_path, capsys):
     assert main(["record", "minigrid", "--out", str(tmp_path), "--episodes", "3", "--frames", "5",
                  "--shard-size", "2"]) == 0

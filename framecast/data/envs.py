@@ -71,8 +71,9 @@ class Environment:
         """A fresh gymnasium environment rendering at `tile` px per cell where that applies."""
         raise NotImplementedError
 
-    def policy_step(self, rng: np.random.Generator, prev: int, blocked: bool) -> int:
-        """The next exploration action (a framecast action id) after `prev` (-1 at the start)."""
+    def policy_step(self, rng: np.random.Generator, prev: int, blocked: bool, turn_repeat: float = 0.0) -> int:
+        """The next exploration action (a framecast action id) after `prev` (-1 at the start); `turn_repeat` is
+        MiniGrid's (0 elsewhere)."""
         return int(rng.integers(0, len(self.actions)))
 
     def blocked(self, action: int, before: list[int], after: list[int]) -> bool:
@@ -112,7 +113,12 @@ class MiniGrid(Environment):
             raise _missing(self.name, e) from e
         return RGBImgPartialObsWrapper(gym.make(self.env_id, max_steps=1_000_000), tile_size=tile)
 
-    def policy_step(self, rng: np.random.Generator, prev: int, blocked: bool) -> int:
+    def policy_step(self, rng: np.random.Generator, prev: int, blocked: bool, turn_repeat: float = 0.0) -> int:
+        # turn_repeat: the chance that a turn is followed by the same turn, so that runs of turns (four of them
+        # close a loop) are in the data (docs/world_model.md, "Exploration"). At 0 no extra number is drawn: the
+        # recording is exactly the first policy's.
+        if turn_repeat > 0 and prev in (0, 1) and rng.random() < turn_repeat:
+            return prev
         if blocked:
             return int(rng.integers(0, 2))  # left or right
         return int(rng.choice(4, p=[0.15, 0.15, 0.55, 0.15]))
@@ -158,7 +164,7 @@ class Breakout(Environment):
         # sticky actions off: replaying a seed and its actions gives the same frames (docs/world_model.md)
         return gym.make(self.env_id, repeat_action_probability=0.0, frameskip=4)
 
-    def policy_step(self, rng: np.random.Generator, prev: int, blocked: bool) -> int:
+    def policy_step(self, rng: np.random.Generator, prev: int, blocked: bool, turn_repeat: float = 0.0) -> int:
         if prev >= 0 and rng.random() < 0.75:
             return prev
         return int(rng.choice(4, p=[0.2, 0.2, 0.3, 0.3]))
@@ -207,7 +213,8 @@ def episode_env_seed(seed: int, episode: int) -> int:
 
 
 def record_episode(env, seed: int, episode: int, frames: int, size: int,
-                   environment: str | Environment = "minigrid", align: str = "center") -> dict[str, np.ndarray]:
+                   environment: str | Environment = "minigrid", align: str = "center",
+                   turn_repeat: float = 0.0) -> dict[str, np.ndarray]:
     """Episode `episode` of the recording with `seed`: frames [F, 3, size, size], actions [F], state [F, S]."""
     spec = get_env(environment)
     rng, env_seed = np.random.default_rng([seed, episode]), episode_env_seed(seed, episode)
@@ -215,7 +222,7 @@ def record_episode(env, seed: int, episode: int, frames: int, size: int,
     out_f, out_a, out_s = [spec.view(obs, size, align)], [spec.null_action], [spec.state(env)]
     blocked, a = False, -1
     for _ in range(frames - 1):
-        a = spec.policy_step(rng, a, blocked)
+        a = spec.policy_step(rng, a, blocked, turn_repeat)
         before = spec.state(env)
         obs, _, terminated, truncated, _ = env.step(spec.env_actions[a])
         blocked = spec.blocked(a, before, spec.state(env))
@@ -265,7 +272,8 @@ def _todo(out: Path, manifest: dict[str, Any]) -> list[int]:
 
 
 def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: int = 0, tile: int = 4,
-           size: int | None = None, shard_size: int = 64, align: str = "center", progress: bool = True) -> Path:
+           size: int | None = None, shard_size: int = 64, align: str = "center", turn_repeat: float = 0.0,
+           progress: bool = True) -> Path:
     """Record (or finish recording) `episodes` episodes into `out`; returns the manifest path.
 
     Everything is checked before anything is written: the settings, the manifest already in `out` (the same
@@ -277,10 +285,14 @@ def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: 
     view_offset(align, size, size)  # a RecordError for an unknown alignment, before anything is written
     if align != "center" and not isinstance(spec, MiniGrid):
         raise RecordError(f"align={align!r} places MiniGrid's padded view; {spec.name} frames are resized, not padded")
+    if not (isinstance(turn_repeat, (int, float)) and 0 <= turn_repeat < 1):
+        raise RecordError(f"turn_repeat must be a probability in [0, 1), got {turn_repeat!r}")
+    if turn_repeat and not isinstance(spec, MiniGrid):
+        raise RecordError(f"turn_repeat is MiniGrid's exploration setting; {spec.name} has its own policy")
     if (out := Path(out)).exists() and not out.is_dir():
         raise RecordError(f"--out {out} is not a folder")
     manifest = _manifest(spec, out, episodes=episodes, frames=frames, seed=seed, tile=tile, size=size,
-                         shard_size=shard_size, align=align)
+                         shard_size=shard_size, align=align, turn_repeat=float(turn_repeat))
     todo = _todo(out, manifest) if out.is_dir() else list(range(-(-episodes // shard_size)))
     env = spec.make(tile)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,7 +302,7 @@ def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: 
     bar = tqdm(total=episodes, initial=done, desc=f"record {spec.name}", unit="ep", disable=not progress)
     for i in todo:
         eps = range(i * shard_size, min((i + 1) * shard_size, episodes))
-        rec = [record_episode(env, seed, e, frames, size, spec, align) for e in eps]
+        rec = [record_episode(env, seed, e, frames, size, spec, align, turn_repeat) for e in eps]
         tensors = {k: torch.from_numpy(np.ascontiguousarray(np.stack([r[k] for r in rec]))) for k in SHARD_KEYS}
         tmp = out / f"shard_{i:05d}.tmp"
         save_file(tensors, str(tmp))
@@ -316,7 +328,8 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         v = manifest[k]
         if not isinstance(v, int) or isinstance(v, bool) or v < least:
             raise RecordError(f"recording manifest {path}: {k} must be an integer >= {least}, got {v!r}")
-    manifest.setdefault("align", "center")  # recordings made before `align` existed
+    manifest.setdefault("align", "center")  # recordings made before `align` and `turn_repeat` existed
+    manifest.setdefault("turn_repeat", 0.0)
     if manifest["align"] not in ALIGNS:
         raise RecordError(f"recording manifest {path}: align must be one of {ALIGNS}, got {manifest['align']!r}")
     return manifest
