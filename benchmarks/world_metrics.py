@@ -84,10 +84,11 @@ def readable(ref: dict, key: str) -> bool:
 
 def _reference_rows(ref: dict, probe_keys: list[str], layout: bool) -> list[list[str]]:
     """The ceiling (real frames) and floor (shuffled actions / constant guess / frozen world) rows."""
-    return [["real frames (ceiling)", "", "∞", "", "", "", "", "1.00", _fmt(ref["idm_acc"], 3), "", ""]
+    return [["real frames (ceiling)", "", "∞", "", "", "", "", "1.00", _fmt(ref["idm_acc"], 3), "", "",
+             _fmt(ref.get("turn_confused"), 3)]
             + (["1.00", "0"] if layout else []) + [_fmt(ref[k]) for k in probe_keys] + ["∞", "", "∞", ""],
             ["floor (shuffled actions / constant / frozen world)", "", "", "", "0", "", "", "",
-             _fmt(ref["idm_acc_shuffled"], 3), "", ""]
+             _fmt(ref["idm_acc_shuffled"], 3), "", "", ""]
             + ([_fmt(ref["layout_acc_frozen"], 3), _fmt(ref["ahead_mae_frozen"])] if layout else [])
             + [_fmt(ref[k + "_const"]) for k in probe_keys] + ["", "", "", ""]]
 
@@ -100,7 +101,7 @@ def _stage_row(name: str, r: dict, probe_keys: list[str], layout: bool) -> list[
     return ([name + mark, str(r["step"]), _fmt(m["psnr"]), _fmt(m["psnr_shuffled"]), _fmt(m["delta_psnr"]),
              _fmt(m["psnr_by_horizon"][0]), _fmt(m["psnr_by_horizon"][-1]), _fmt(m["ssim"], 3),
              _fmt(m.get("idm_acc"), 3), _fmt(m.get("idm_acc_shuffled"), 3),
-             _fmt(m.get("idm_acc_followed_shuffled"), 3)]
+             _fmt(m.get("idm_acc_followed_shuffled"), 3), _fmt(m.get("turn_confused"), 3)]
             + ([f"{_fmt(m.get(k), 3)} / {_fmt(m.get(k + '_shuffled'), 3)}" for k in ("layout_acc", "ahead_mae")]
                if layout else [])
             + [f"{_fmt(m.get(k))} / {_fmt(m.get(k + '_shuffled'))}" for k in probe_keys]
@@ -114,7 +115,8 @@ LEGEND = (
     "IDM acc: the inverse-dynamics model (trained on real transitions of "
     "{train}) on generated transitions vs the recorded actions; 'shuf' reads the shuffled-action rollout "
     "against the recorded actions (equal to IDM acc for a model that ignores actions); 'follows shuf' against "
-    "the shuffled actions it was given. Probe columns: model / shuffled-action rollout, vs the recorded state "
+    "the shuffled actions it was given; 'L/R confused': of the recorded left and right turns, the fraction the "
+    "IDM reads as the other turn (0.5: it turns, but not which way). Probe columns: model / shuffled-action rollout, vs the recorded state "
     "(accuracy for class fields, mean absolute error in the field's units otherwise). Layout (MiniGrid, a "
     "colour rule): the 7x7 cells of the view read as unseen / floor / wall, generated vs recorded (cell "
     "accuracy) and the error in free cells straight ahead, model / shuffled-action rollout; its floor is a "
@@ -149,7 +151,7 @@ def table(result: dict) -> str:
     layout = "layout_acc_frozen" in result["reference"]  # MiniGrid: the colour-rule layout probe
     lay_heads = ["layout acc", "ahead MAE"] if layout else []
     head = (["stage", "step", "PSNR", "PSNR shuf", "ΔPSNR", "PSNR h=1", "PSNR h=last", "SSIM", "IDM acc",
-             "IDM acc shuf", "IDM follows shuf"] + lay_heads + probe_heads + ["loop 4 turns", "2 turns", "stay x4",
+             "IDM acc shuf", "IDM follows shuf", "L/R confused"] + lay_heads + probe_heads + ["loop 4 turns", "2 turns", "stay x4",
                                                                              "eval s"])
     rows = _reference_rows(result["reference"], probe_keys, layout)
     rows += [_stage_row(name, r, probe_keys, layout) for name, r in result["stages"].items() if "skipped" not in r]

@@ -326,3 +326,16 @@ def test_regression_check_is_deterministic_and_sees_a_changed_model(recordings, 
     with torch.no_grad():
         model.denoiser.action_embed.table.weight.mul_(3.0)
     assert check_scores(model, rec, episodes=4, frames=4)["scores"]["delta_psnr"] != a["scores"]["delta_psnr"]
+
+
+def test_turn_confusion_counts_left_read_as_right_and_back():
+    """turn_confused: of the recorded left / right turns, the share the IDM reads as the other turn (turns read
+    as forward or stay count in the denominator, not the numerator); None without both turns."""
+    names = ["left", "right", "forward", "stay"]
+    pred = torch.tensor([0, 1, 1, 2, 1, 0, 0, 2])  # IDM actions
+    true = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])  # recorded: 4 lefts, 2 rights
+    counts = probes.confusion(pred, true, 4)
+    assert counts[0] == [1, 2, 1, 0] and counts[1] == [1, 1, 0, 0]
+    assert probes.turn_confusion(counts, names) == pytest.approx(3 / 6)
+    assert probes.turn_confusion(probes.confusion(true, true, 4), names) == 0.0
+    assert probes.turn_confusion(counts, ["stay", "fire", "up", "down"]) is None

@@ -265,6 +265,18 @@ def confusion(pred: Tensor, target: Tensor, num_actions: int) -> list[list[int]]
     return torch.bincount(flat, minlength=num_actions**2).view(num_actions, num_actions).tolist()
 
 
+def turn_confusion(counts: list[list[int]], action_names) -> float | None:
+    """Of the transitions recorded as `left` or `right`, the fraction the IDM reads as the other turn (from
+    `confusion` counts [true][IDM]); None where the actions have no left and right turn. A model that turns
+    but cannot tell which way reads near 0.5 (docs/world_model.md, "Left and right")."""
+    names = list(action_names)
+    if "left" not in names or "right" not in names:
+        return None
+    left, right = names.index("left"), names.index("right")
+    turns = sum(counts[left]) + sum(counts[right])
+    return (counts[left][right] + counts[right][left]) / turns if turns else None
+
+
 @torch.no_grad()
 def probe_predict(probe: StateProbe, video: Tensor, batch_size: int = 512) -> Tensor:
     """Probe state of frames [..., 3, H, W] in [-1, 1] -> [..., S] in the fields' units."""

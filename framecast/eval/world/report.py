@@ -15,7 +15,8 @@ import torch
 from ...generate import LoadedModel
 from .layout import layout_scores
 from .pixels import psnr, ssim, to_video
-from .probes import InverseDynamics, StateProbe, as_episodes, confusion, idm_predict, probe_predict, probe_scores
+from .probes import (InverseDynamics, StateProbe, as_episodes, confusion, idm_predict, probe_predict, probe_scores,
+                     turn_confusion)
 from .rollouts import loop_closure, open_loop, shuffle_actions
 
 Tensor = torch.Tensor
@@ -37,7 +38,7 @@ def real_reference(eval_episodes, idm: InverseDynamics, probe: StateProbe | None
     idm_acc: IDM on real transitions vs the recorded actions -- the ceiling (< 100 %: a blocked forward shows
       the same pair of frames as `stay`); idm_acc_shuffled: the same transitions vs actions shuffled across
       episodes -- the floor (what agreeing by chance with the action statistics gives);
-    idm_confusion: counts [recorded action][IDM action];
+    idm_confusion: counts [recorded action][IDM action]; turn_confused: the left / right turns read as the other;
     layout_acc_frozen, ahead_mae_frozen (MiniGrid): a world that never moves (the last context frame held);
     probe_<field>_{acc,mae}: probe on real frames (ceiling); ..._const: the best constant guess (floor)."""
     frames, actions, state, manifest = _select(eval_episodes, episodes)
@@ -47,6 +48,7 @@ def real_reference(eval_episodes, idm: InverseDynamics, probe: StateProbe | None
     out = {"idm_acc": float((pred == rec).float().mean()),
            "idm_acc_shuffled": float((pred == shuffle_actions(actions, context)[:, context:]).float().mean()),
            "idm_confusion": confusion(pred, rec, idm.num_actions)}
+    out["turn_confused"] = turn_confusion(out["idm_confusion"], manifest["actions"])
     if manifest.get("env") == "minigrid":
         frozen = video[:, context - 1:context].expand_as(video[:, context:])
         out.update(layout_scores(frozen, video[:, context:], manifest, "_frozen"))
@@ -90,6 +92,7 @@ def world_metrics(model: LoadedModel, eval_episodes, idm: InverseDynamics | None
       same number as idm_acc for a model that ignores actions);
     idm_acc_followed_shuffled: the shuffled-action rollout against the shuffled actions it was given;
     idm_acc_by_horizon, idm_confusion ([recorded action][IDM action] counts) for the recorded-action rollout;
+    turn_confused: of its recorded left / right turns, the fraction the IDM reads as the other turn;
     layout_acc, ahead_mae (+ _shuffled, MiniGrid): the colour-rule layout of generated vs recorded frames;
     probe_<field>_{acc,mae}(+_shuffled): the probe on generated frames vs the recorded state;
     loop: loop_closure from the start frames of the first `loop_starts` episodes (MiniGrid; None elsewhere).
@@ -102,6 +105,7 @@ def world_metrics(model: LoadedModel, eval_episodes, idm: InverseDynamics | None
     out = {"episodes": len(actions), "context": context, **_pixel_scores(gen, gen_s, target)}
     if idm is not None:
         out.update(_idm_scores(idm, to_video(frames[:, :context]), gen, gen_s, actions, shuffled))
+        out["turn_confused"] = turn_confusion(out["idm_confusion"], manifest["actions"])
     minigrid = manifest.get("env") == "minigrid"
     if minigrid:
         out.update(layout_scores(gen, target, manifest))
