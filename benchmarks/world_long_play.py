@@ -29,7 +29,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="a causal world-model checkpoint (or pretrained:<name>)")
     p.add_argument("--train", default="data/minigrid_train", help="real recording the IDM learns from")
-    p.add_argument("--record", default="data/minigrid_long_eval", help="the long held-out recording (made if absent)")
+    p.add_argument("--record", default=None, help="the long held-out recording, made if absent (default: "
+                   "data/minigrid_long_eval_<align>, at the alignment of --train's recording, which the model saw)")
     p.add_argument("--env", default="minigrid")
     p.add_argument("--frames", type=int, default=1001, help="frames per episode (the first is the start view)")
     p.add_argument("--episodes", type=int, default=8, help="continuous episodes to score")
@@ -42,8 +43,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    rec = Path(a.record)
-    record(a.env, rec, episodes=a.record_episodes, frames=a.frames, seed=a.seed)
+    align = read_manifest(a.train)["align"]  # the view layout the model (and the IDM) learnt from
+    rec = Path(a.record or f"data/minigrid_long_eval_{align}")
+    record(a.env, rec, episodes=a.record_episodes, frames=a.frames, seed=a.seed, align=align)
     ep, manifest = load_episodes(rec), read_manifest(rec)
     keep = [i for i, s in enumerate(ep["state"]) if continuous_length(s) == a.frames][: a.episodes]
     if not keep:

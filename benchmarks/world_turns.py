@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from framecast.data.envs import episode_env_seed, get_env
+from framecast.data.envs import episode_env_seed, get_env, read_manifest
 from framecast.eval import world as W
 from framecast.generate import load
 
 
-def true_turns(episodes: int, seed: int, tile: int, size: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def true_turns(episodes: int, seed: int, tile: int, size: int,
+               align: str = "center") -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Start views [N, 3, H, W] uint8 and the true views after left (0) and right (1) from each."""
     spec = get_env("minigrid")
     env = spec.make(tile)
@@ -34,9 +35,9 @@ def true_turns(episodes: int, seed: int, tile: int, size: int) -> tuple[torch.Te
         for a in (0, 1):
             obs, _ = env.reset(seed=episode_env_seed(seed, e))  # episode e's start, as `framecast record` has it
             if a == 0:
-                starts.append(spec.view(obs, size))
+                starts.append(spec.view(obs, size, align))
             obs, *_ = env.step(spec.env_actions[a])
-            after[a].append(spec.view(obs, size))
+            after[a].append(spec.view(obs, size, align))
     return torch.from_numpy(np.stack(starts)), {a: torch.from_numpy(np.stack(v)) for a, v in after.items()}
 
 
@@ -70,7 +71,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    start, after = true_turns(a.episodes, a.seed, a.tile, a.size)
+    align = read_manifest(a.train)["align"]  # the view layout the models and the IDM learnt from
+    start, after = true_turns(a.episodes, a.seed, a.tile, a.size, align)
     idm, _ = W.load_or_train_idm(a.train, a.cache)
     rows = {}
     print("| model | action | PSNR to this turn | to the other turn | IDM reads (left / right / forward / stay) |")
