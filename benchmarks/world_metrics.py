@@ -116,10 +116,10 @@ LEGEND = (
     "{train}) on generated transitions vs the recorded actions; 'shuf' reads the shuffled-action rollout "
     "against the recorded actions (equal to IDM acc for a model that ignores actions); 'follows shuf' against "
     "the shuffled actions it was given; 'L/R confused': of the recorded left and right turns, the fraction the "
-    "IDM reads as the other turn (0.5: it turns, but not which way). Probe columns: model / shuffled-action rollout, vs the recorded state "
-    "(accuracy for class fields, mean absolute error in the field's units otherwise). Layout (MiniGrid, a "
-    "colour rule): the 7x7 cells of the view read as unseen / floor / wall, generated vs recorded (cell "
-    "accuracy) and the error in free cells straight ahead, model / shuffled-action rollout; its floor is a "
+    "IDM reads as the other turn (0.5: it turns, but not which way). Probe columns: model / shuffled-action "
+    "rollout, vs the recorded state (accuracy for class fields, mean absolute error in the field's units "
+    "otherwise). Layout (MiniGrid, a colour rule): the 7x7 cells of the view read as unseen / floor / wall, "
+    "generated vs recorded (cell accuracy) and the error in free cells straight ahead, model / shuffled-action rollout; its floor is a "
     "world that never moves (the context frame held still). Loop closure (MiniGrid): "
     "PSNR to the start view after 4 turns (the same view in the real world), after 2 turns (the opposite "
     "view: the scale of a different view) and after 4 stays.")
@@ -151,8 +151,8 @@ def table(result: dict) -> str:
     layout = "layout_acc_frozen" in result["reference"]  # MiniGrid: the colour-rule layout probe
     lay_heads = ["layout acc", "ahead MAE"] if layout else []
     head = (["stage", "step", "PSNR", "PSNR shuf", "ΔPSNR", "PSNR h=1", "PSNR h=last", "SSIM", "IDM acc",
-             "IDM acc shuf", "IDM follows shuf", "L/R confused"] + lay_heads + probe_heads + ["loop 4 turns", "2 turns", "stay x4",
-                                                                             "eval s"])
+             "IDM acc shuf", "IDM follows shuf", "L/R confused"] + lay_heads + probe_heads
+            + ["loop 4 turns", "2 turns", "stay x4", "eval s"])
     rows = _reference_rows(result["reference"], probe_keys, layout)
     rows += [_stage_row(name, r, probe_keys, layout) for name, r in result["stages"].items() if "skipped" not in r]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -35,8 +35,8 @@ def main() -> None:
     p.add_argument("--scores", required=True, help="a JSONL file whose last line holds the model's scores")
     p.add_argument("--root", default=str(pretrained.ROOT))
     p.add_argument("--start-env", default="", help="world models: record this environment's start views into "
-                   "<name>/start (at the training recording's tile, size and alignment), so play needs no recording, and store "
-                   "the model's regression check (eval/world/regression.py) in the manifest")
+                   "<name>/start (at the training recording's tile, size and alignment), so play needs no recording, "
+                   "and store the model's regression check (eval/world/regression.py) in the manifest")
     p.add_argument("--start-episodes", type=int, default=16)
     p.add_argument("--start-seed", type=int, default=1, help="held out from training (seed 0)")
     a = p.parse_args()

@@ -115,8 +115,8 @@ class MiniGrid(Environment):
 
     def policy_step(self, rng: np.random.Generator, prev: int, blocked: bool, turn_repeat: float = 0.0) -> int:
         # turn_repeat: the chance that a turn is followed by the same turn, so that runs of turns (four of them
-        # close a loop) are in the data (docs/world_model.md, "Exploration"). At 0 no extra number is drawn: the
-        # recording is exactly the first policy's.
+        # close a loop) are in the data (docs/world_model.md, "Tokens on cells, runs of turns"). At 0 no extra
+        # number is drawn: the recording is exactly the first policy's.
         if turn_repeat > 0 and prev in (0, 1) and rng.random() < turn_repeat:
             return prev
         if blocked:
@@ -183,7 +183,7 @@ class Breakout(Environment):
 # Where MiniGrid's view (cells x tile px) sits in its size x size frame. "center": padded evenly, the first
 # recordings' layout (28 px at offset 2 in 32, so every 4x4 patch straddles four cells). "tile": at the top-left
 # corner, so that with patch = tile each token is exactly one cell and a step forward or a turn moves whole
-# tokens (docs/world_model.md, "Tokens on cells"). A manifest without the key is "center".
+# tokens (docs/world_model.md, "Tokens on cells, runs of turns"). A manifest without the key is "center".
 ALIGNS = ("center", "tile")
 
 
