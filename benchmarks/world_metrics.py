@@ -119,8 +119,8 @@ LEGEND = (
     "IDM reads as the other turn (0.5: it turns, but not which way). Probe columns: model / shuffled-action "
     "rollout, vs the recorded state (accuracy for class fields, mean absolute error in the field's units "
     "otherwise). Layout (MiniGrid, a colour rule): the 7x7 cells of the view read as unseen / floor / wall, "
-    "generated vs recorded (cell accuracy) and the error in free cells straight ahead, model / shuffled-action rollout; its floor is a "
-    "world that never moves (the context frame held still). Loop closure (MiniGrid): "
+    "generated vs recorded (cell accuracy) and the error in free cells straight ahead, model / shuffled-action "
+    "rollout; its floor is a world that never moves (the context frame held still). Loop closure (MiniGrid): "
     "PSNR to the start view after 4 turns (the same view in the real world), after 2 turns (the opposite "
     "view: the scale of a different view) and after 4 stays.")
 

@@ -82,7 +82,7 @@ def main(argv=None) -> None:
         for act, r in rows[ck].items():
             print(f"| {ck} | {act} | {r['psnr_to_this_turn']:.2f} | {r['psnr_to_other_turn']:.2f} | "
                   f"{' / '.join(str(v) for v in r['idm_reads'].values())} |")
-    print(f"real transitions, IDM reads: " + "; ".join(
+    print("real transitions, IDM reads: " + "; ".join(
         f"{act}: {' / '.join(str(v) for v in r['idm_reads_real'].values())}" for act, r in rows[a.ckpts[0]].items()))
     if a.out:
         Path(a.out).write_text(json.dumps({"episodes": a.episodes, "seed": a.seed, "models": rows}, indent=1))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ...data.envs import view_offset
+from ...data.environments import view_offset
 from .pixels import psnr
 
 Tensor = torch.Tensor
