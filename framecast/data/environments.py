@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import DataError
 
+
 class RecordError(DataError):
     """A recording that cannot continue (a different manifest in the folder, a corrupt shard, no gymnasium)."""
 
@@ -67,7 +68,8 @@ class Environment:
 
 class MiniGrid(Environment):
     """MiniGrid FourRooms, its egocentric 7x7-cell view padded to `size`. Exploration: mostly forward,
-    sometimes stay, and a turn when the last forward did not move the agent."""
+    sometimes stay, and a turn when the last forward did not move the agent (and, with `turn_repeat`, runs of
+    turns)."""
 
     name = "minigrid"
     env_id = "MiniGrid-FourRooms-v0"

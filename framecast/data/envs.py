@@ -115,7 +115,8 @@ def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: 
 
     spec = get_env(env_name)
     size = _check_settings(spec, size, episodes=episodes, frames=frames, tile=tile, shard_size=shard_size)
-    view_offset(align, size, size)  # a RecordError for an unknown alignment, before anything is written
+    if align not in ALIGNS:  # checked before anything is written (view_offset would only refuse it mid-recording)
+        raise RecordError(f"unknown view alignment {align!r}; choose one of {ALIGNS}")
     if align != "center" and not isinstance(spec, MiniGrid):
         raise RecordError(f"align={align!r} places MiniGrid's padded view; {spec.name} frames are resized, not padded")
     if not (isinstance(turn_repeat, (int, float)) and 0 <= turn_repeat < 1):
