@@ -36,7 +36,7 @@ Tensor = torch.Tensor
 
 def build_denoiser(mc: C.ModelConfig, device: str | torch.device = "cpu") -> Denoiser:
     net = build_transformer(mc, device=device)
-    actions = ActionEmbedder(mc.num_actions, mc.dim).to(device) if mc.num_actions > 0 else None
+    actions = ActionEmbedder(mc.num_actions, mc.dim, mc.action_init_std).to(device) if mc.num_actions > 0 else None
     return Denoiser(net, actions)
 
 

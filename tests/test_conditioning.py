@@ -66,3 +66,27 @@ def test_cond_frames_slices_actions():
     assert c.frames(2, 5).actions.tolist() == [[2, 3, 4]] * 2
     with pytest.raises(ValueError, match="cover 10 frames"):
         c.frames(8, 12)
+
+
+def test_action_embedder_random_init_starts_rows_apart(tiny_cfg):
+    from framecast import config as C
+    from framecast.generate import build_denoiser
+
+    zero = ActionEmbedder(4, 64)
+    assert bool((zero.table.weight == 0).all())  # default: the zero init above
+    torch.manual_seed(0)
+    a = ActionEmbedder(4, 64, init_std=0.05).table.weight.detach()
+    torch.manual_seed(0)
+    b = ActionEmbedder(4, 64, init_std=0.05).table.weight.detach()
+    assert torch.equal(a, b)  # the draw is the global generator's: a seeded run is reproducible
+    assert abs(a.std().item() - 0.05) < 0.01
+    cos = torch.nn.functional.cosine_similarity(a[:, None], a[None], dim=-1)  # [5, 5]
+    assert cos.fill_diagonal_(0).abs().max() < 0.5  # every pair of rows, the null row included, starts apart
+    with pytest.raises(ValueError, match="init_std must be >= 0"):
+        ActionEmbedder(4, 64, init_std=-1.0)
+    # the config key reaches the embedder; a negative value is refused by the config itself
+    mc = C.model_preset("tiny", num_actions=3, action_init_std=0.05)
+    assert build_denoiser(mc).action_embed.table.weight.abs().sum() > 0
+    assert build_denoiser(C.model_preset("tiny", num_actions=3)).action_embed.table.weight.abs().sum() == 0
+    with pytest.raises(C.ConfigError, match="action_init_std"):
+        C.load(None, ["model.num_actions=3", "model.action_init_std=-0.1"])

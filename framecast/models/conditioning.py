@@ -159,15 +159,23 @@ def build_text_encoder(name: str, dim: int, max_tokens: int, seed: int = 0, *,
 
 
 class ActionEmbedder(nn.Module):
-    """actions[B, F] -> [B, F, D], added to the per-frame time embedding (adaLN route). Zero-initialised."""
+    """actions[B, F] -> [B, F, D], added to the per-frame time embedding (adaLN route). Zero-initialised unless
+    `init_std` > 0: then every row (the null one included) starts as an independent N(0, init_std^2) draw."""
 
-    def __init__(self, num_actions: int, dim: int) -> None:
+    def __init__(self, num_actions: int, dim: int, init_std: float = 0.0) -> None:
         super().__init__()
         if num_actions < 1:
             raise ValueError(f"num_actions must be >= 1, got {num_actions}")
+        if not init_std >= 0:
+            raise ValueError(f"init_std must be >= 0, got {init_std}")
         self.num_actions = num_actions
         self.table = nn.Embedding(num_actions + 1, dim)  # last row: the null action
-        nn.init.zeros_(self.table.weight)
+        # Zero rows start equal, so two actions with mirror-image effects (turn left / right) get mirror-image
+        # gradients around a shared "turn" and part late (docs/world_model.md); random rows start apart.
+        if init_std > 0:
+            nn.init.normal_(self.table.weight, std=init_std)
+        else:
+            nn.init.zeros_(self.table.weight)
 
     @property
     def null_action(self) -> int:
