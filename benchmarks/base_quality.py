@@ -5,7 +5,8 @@
 Each checkpoint samples the same held-out captions (data seed + 1, as `framecast bench toy` uses) with the
 same noise seed, `--steps` Euler steps and the checkpoint's own CFG, and is scored by eval/toy.py. One JSON
 line per checkpoint: fidelity, consistency, dynamic, smoothness, instruction, each with its standard error over
-the clips (`<metric>_se`), the seconds it took, and in `--out` the per-clip scores. With several checkpoints,
+the clips (`<metric>_se`), `speed_ratio` (how fast objects move against the captioned speed, eval/toy.py;
+1 is exact), the seconds it took, and in `--out` the per-clip scores. With several checkpoints,
 each after the first also gets `paired`: per metric its mean difference to the first checkpoint on the same
 clips and noise, the standard error of that difference and z = difference / error (framecast/bench.py's paired
 comparison), which is what decides whether a retrained base is better than the shipped one.
@@ -39,6 +40,7 @@ def score(ckpt: str, clips: int, steps: int, seed: int = 1000, guidance: float |
     if gif:  # the first 6 held-out captions: real clips above, the model's below
         labelled_rows([("real clips", real[:6]), (f"{Path(ckpt).name}\n{steps} steps", video[:6])], gif, fps=6)
     per_clip = {k: v.tolist() for k, v in T.clip_scores(video, captions).items()}
+    per_clip["speed_ratio"] = T.speed_ratio(T.fit_frames(video), captions).tolist()  # 1 = the captioned speed
     row = {"ckpt": ckpt, "clips": clips, "steps": steps, **{k: float(sum(v) / len(v)) for k, v in per_clip.items()},
            **{f"{k}_se": T.standard_error(v) for k, v in per_clip.items() if k in PAIRED},
            "seconds": round(time.perf_counter() - t, 1), "per_clip": per_clip}

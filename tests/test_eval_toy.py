@@ -169,3 +169,20 @@ def test_encoder_frechet_distance_ranks_corruptions(tmp_path, one_thread):
     cached.write_bytes(b"not a safetensors file")
     with pytest.raises(RuntimeError, match="unreadable"):
         Fe.load_or_train_encoder(tmp_path, FR, H, W, steps=150, progress=False)
+
+
+def test_speed_ratio_reads_how_fast_against_the_caption(real, one_thread):
+    """Real clips move at the captioned speed (bounces included); a frozen clip at 0; every other frame of a
+    longer clip at twice the speed."""
+    v, caps = real
+    ratio = T.speed_ratio(T.fit_frames(v), caps)
+    assert np.allclose(ratio, 1.0, atol=0.05)
+    assert np.allclose(T.speed_ratio(T.fit_frames(T.freeze(v)), caps), 0.0)
+    long = ShapesDataset(2 * FR - 1, H, W, seed=5)
+    items = [long[i] for i in range(80)]
+    items = [s for s in items if s.attrs.bounces == 0]
+    assert len(items) >= 3
+    double = torch.stack([s.video[::2] for s in items])  # [B, FR, 3, H, W]
+    assert np.allclose(T.speed_ratio(T.fit_frames(double), [s.caption for s in items]), 2.0, atol=0.1)
+    with pytest.raises(ValueError, match="2 captions for 48 clips"):
+        T.speed_ratio(T.fit_frames(v), caps[:2])

@@ -219,6 +219,21 @@ def instruction_following(f: FrameFits, captions: list[str]) -> dict[str, np.nda
     return res
 
 
+def speed_ratio(f: FrameFits, captions: list[str]) -> np.ndarray:
+    """[B]: median displacement per frame along the captioned axis over the captioned speed (real clips: 1; a
+    bounce shortens one step, which the median ignores). A diagnostic, not a [0, 1] score: 0.5 means the object
+    moves at half the speed it was asked for, whatever its direction."""
+    if len(captions) != f.error.shape[0]:
+        raise ValueError(f"{len(captions)} captions for {f.error.shape[0]} clips")
+    speeds = _speeds_px(f.width)
+    out = np.zeros(len(captions))
+    for b, cap in enumerate(captions):
+        want = parse_caption(cap)
+        ax = int(np.nonzero(DIRECTIONS[want["direction"]])[0][0])
+        out[b] = np.median(np.abs(np.diff(f.centre[b, :, ax]))) / speeds[want["speed"]]
+    return out
+
+
 def clip_scores(video: Tensor, captions: list[str]) -> dict[str, np.ndarray]:
     """Every metric above per clip ([B] arrays in [0, 1], higher is better), for means and standard errors."""
     f = fit_frames(video)
