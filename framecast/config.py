@@ -28,7 +28,6 @@ __all__ = ["ConfigError", "RunConfig", "from_dict", "load", "load_recipe", "pars
 
 # --- Schemas ---
 
-
 @dataclass
 class ModelConfig:
     """The one transformer. Field names follow diffusers' `WanTransformer3DModel` arguments."""
@@ -47,9 +46,7 @@ class ModelConfig:
     eps: float = FINITE_POSITIVE(1e-6)
     rope_max_seq_len: int = POSITIVE(1024)  # only sizes the stock RoPE table; our RoPE is computed from positions
     num_actions: int = NON_NEGATIVE(0)  # > 0 adds a zero-initialised per-frame action embedder (world models)
-    # > 0: the action rows start as N(0, std^2) draws, so they differ from step 0 (docs/world_model.md, "Distinct
-    # action rows"); 0 keeps the zero init that leaves a pretrained network unchanged when the embedder is attached
-    action_init_std: float = FINITE_NON_NEGATIVE(0.0)
+    action_init_std: float = FINITE_NON_NEGATIVE(0.0)  # > 0: action rows start as N(0, std^2) (world_model.md)
     spatial_embed: bool = False  # + a zero-initialised (row, column) embedding per token (docs/world_model.md)
     attention_backend: str = one_of("sdpa", "flex")  # sdpa: dense boolean mask (CPU, training); flex: CUDA opt-in
     gradient_checkpointing: bool = False
