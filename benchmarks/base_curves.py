@@ -5,7 +5,8 @@
 
 Reads the JSON lines `benchmarks/base_quality.py` wrote (one per checkpoint). A checkpoint's run is the folder
 above `stage0/`, its step the number in `step_<n>`; a row without one (a shipped name) is left out. Error bars
-are the standard errors over the clips base_quality stored per metric. It also prints the table the plot shows.
+are standard errors over the per-clip scores base_quality stored. `speed_ratio` is drawn against its real-clip
+value, 1 (the dashed line). It also prints the table the plot shows.
 """
 
 from __future__ import annotations
@@ -16,7 +17,18 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-METRICS = ("fidelity", "dynamic_degree", "motion_smoothness", "instruction_following")
+from framecast.eval.toy import standard_error
+
+METRICS = ("fidelity", "dynamic_degree", "motion_smoothness", "instruction_following", "speed_ratio")
+
+
+def stat(row: dict, metric: str) -> tuple[float, float]:
+    """(mean, standard error) of a metric over the row's clips; nan where the row lacks it, and for the speed
+    ratio of a model that draws no object in most frames (its fits, and so its speeds, mean nothing)."""
+    clips = row.get("per_clip", {}).get(metric)
+    if not clips or (metric == "speed_ratio" and row.get("recognised", 1.0) < 0.5):
+        return float("nan"), float("nan")
+    return sum(clips) / len(clips), standard_error(clips)
 
 
 def parse(path: str) -> dict[str, list[tuple[int, dict]]]:
@@ -44,7 +56,7 @@ def main() -> None:
     print("|---|---|" + "---|" * len(METRICS))
     for name, rows in runs.items():
         for step, row in rows:
-            cells = [f"{row[m]:.3f} ±{row.get(m + '_se', float('nan')):.3f}" for m in METRICS]
+            cells = ["{:.3f} ±{:.3f}".format(*stat(row, m)) for m in METRICS]
             print(f"| {name} | {step} | " + " | ".join(cells) + " |")
 
     import matplotlib
@@ -55,12 +67,13 @@ def main() -> None:
     for ax, metric in zip(axes, METRICS):
         for name, rows in runs.items():
             xs = [s for s, _ in rows]
-            ys = [r[metric] for _, r in rows]
-            es = [r.get(metric + "_se", 0.0) for _, r in rows]
+            ys, es = zip(*(stat(r, metric) for _, r in rows))
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
         ax.set_title(metric.replace("_", " "))
         ax.set_xlabel("training steps")
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.1)
+        if metric == "speed_ratio":
+            ax.axhline(1.0, color="k", ls="--", lw=1)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
