@@ -1,7 +1,7 @@
 """Plot base-model ablation curves: each metric against training steps, one line per run.
 
     python benchmarks/base_quality.py runs/abl/w128_l4/stage0/ckpt/step_000{1,2,3}000 ... --out scores.jsonl
-    python benchmarks/base_curves.py scores.jsonl --out docs/img/toy_base_width.png
+    python benchmarks/base_curves.py scores.jsonl --out docs/img/toy_base_ablation.png
 
 Reads the JSON lines `benchmarks/base_quality.py` wrote (one per checkpoint). A checkpoint's run is the folder
 above `stage0/`, its step the number in `step_<n>`; a row without one (a shipped name) is left out. Error bars

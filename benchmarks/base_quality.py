@@ -39,8 +39,9 @@ def score(ckpt: str, clips: int, steps: int, seed: int = 1000, guidance: float |
                        for i in range(0, clips, 32)])
     if gif:  # the first 6 held-out captions: real clips above, the model's below
         labelled_rows([("real clips", real[:6]), (f"{Path(ckpt).name}\n{steps} steps", video[:6])], gif, fps=6)
-    per_clip = {k: v.tolist() for k, v in T.clip_scores(video, captions).items()}
-    per_clip["speed_ratio"] = T.speed_ratio(T.fit_frames(video), captions).tolist()  # 1 = the captioned speed
+    fits = T.fit_frames(video)  # once, for the scores and the speed ratio
+    per_clip = {k: v.tolist() for k, v in T.clip_scores(fits, captions).items()}
+    per_clip["speed_ratio"] = T.speed_ratio(fits, captions).tolist()  # 1 = the captioned speed
     row = {"ckpt": ckpt, "clips": clips, "steps": steps, **{k: float(sum(v) / len(v)) for k, v in per_clip.items()},
            **{f"{k}_se": T.standard_error(v) for k, v in per_clip.items() if k in PAIRED},
            "seconds": round(time.perf_counter() - t, 1), "per_clip": per_clip}

@@ -175,8 +175,12 @@ def test_speed_ratio_reads_how_fast_against_the_caption(real, one_thread):
     """Real clips move at the captioned speed (bounces included); a frozen clip at 0; every other frame of a
     longer clip at twice the speed."""
     v, caps = real
-    ratio = T.speed_ratio(T.fit_frames(v), caps)
+    fits = T.fit_frames(v)
+    ratio = T.speed_ratio(fits, caps)
     assert np.allclose(ratio, 1.0, atol=0.05)
+    # clip_scores takes the fits too (base_quality fits once for both): the same scores as from the clips
+    from_fits, from_clips = T.clip_scores(fits, caps), T.clip_scores(v, caps)
+    assert all(np.array_equal(from_fits[k], from_clips[k]) for k in from_clips)
     assert np.allclose(T.speed_ratio(T.fit_frames(T.freeze(v)), caps), 0.0)
     long = ShapesDataset(2 * FR - 1, H, W, seed=5)
     items = [long[i] for i in range(80)]

@@ -234,9 +234,10 @@ def speed_ratio(f: FrameFits, captions: list[str]) -> np.ndarray:
     return out
 
 
-def clip_scores(video: Tensor, captions: list[str]) -> dict[str, np.ndarray]:
-    """Every metric above per clip ([B] arrays in [0, 1], higher is better), for means and standard errors."""
-    f = fit_frames(video)
+def clip_scores(video: Tensor | FrameFits, captions: list[str]) -> dict[str, np.ndarray]:
+    """Every metric above per clip ([B] arrays in [0, 1], higher is better), for means and standard errors. Takes
+    the clips, or their fits when the caller reads them too (the fit is the costly part)."""
+    f = video if isinstance(video, FrameFits) else fit_frames(video)
     follow = instruction_following(f, captions)
     return {"fidelity": fidelity(f),
             "recognised": f.recognised.mean(1),

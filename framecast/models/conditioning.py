@@ -170,8 +170,8 @@ class ActionEmbedder(nn.Module):
             raise ValueError(f"init_std must be >= 0, got {init_std}")
         self.num_actions = num_actions
         self.table = nn.Embedding(num_actions + 1, dim)  # last row: the null action
-        # Zero rows start equal, so two actions with mirror-image effects (turn left / right) get mirror-image
-        # gradients around a shared "turn" and part late (docs/world_model.md); random rows start apart.
+        # Zero rows start equal; random rows start apart. On MiniGrid training pulled left and right together
+        # either way (docs/world_model.md, "Distinct action rows"), so the zero init stays the default.
         if init_std > 0:
             nn.init.normal_(self.table.weight, std=init_std)
         else:
