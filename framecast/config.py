@@ -25,7 +25,6 @@ from .schema import (DECAY, DEVICE_NAME, FINITE, FINITE_NON_NEGATIVE, FINITE_POS
 
 __all__ = ["ConfigError", "RunConfig", "from_dict", "load", "load_recipe", "parse_override", "to_dict", "upgrade"]
 
-
 # --- Schemas ---
 
 @dataclass
@@ -48,6 +47,7 @@ class ModelConfig:
     num_actions: int = NON_NEGATIVE(0)  # > 0 adds a zero-initialised per-frame action embedder (world models)
     action_init_std: float = FINITE_NON_NEGATIVE(0.0)  # > 0: action rows start as N(0, std^2) (world_model.md)
     spatial_embed: bool = False  # + a zero-initialised (row, column) embedding per token (docs/world_model.md)
+    action_tokens: int = NON_NEGATIVE(0)  # T > 0: + a zero-init embedding per (action, token of T per frame)
     attention_backend: str = one_of("sdpa", "flex")  # sdpa: dense boolean mask (CPU, training); flex: CUDA opt-in
     gradient_checkpointing: bool = False
     codec: str = "identity"  # the latent codec (models/codecs.py): identity = the frames are the latents (toys)

@@ -36,7 +36,10 @@ Tensor = torch.Tensor
 
 def build_denoiser(mc: C.ModelConfig, device: str | torch.device = "cpu") -> Denoiser:
     net = build_transformer(mc, device=device)
-    actions = ActionEmbedder(mc.num_actions, mc.dim, mc.action_init_std).to(device) if mc.num_actions > 0 else None
+    if mc.action_tokens and not mc.num_actions:
+        raise C.ConfigError("model.action_tokens needs actions: set model.num_actions > 0")
+    actions = (ActionEmbedder(mc.num_actions, mc.dim, mc.action_init_std, mc.action_tokens).to(device)
+               if mc.num_actions > 0 else None)
     return Denoiser(net, actions)
 
 

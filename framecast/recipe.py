@@ -271,7 +271,7 @@ def _reads_pending(cfg: C.RunConfig, pending: dict[str, StageResult]) -> list[st
     return [k for k, r in pending.items() if json.dumps(str(r.ckpt)) in text]
 
 
-ZERO_INIT_MODEL_KEYS = ("spatial_embed",)  # model switches that add only zero-initialised modules
+ZERO_INIT_MODEL_KEYS = ("spatial_embed", "action_tokens")  # model switches that add only zero-initialised modules
 
 
 def used_stage(cfg: C.RunConfig, key: str) -> StageResult:

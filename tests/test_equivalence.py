@@ -205,3 +205,49 @@ def test_spatial_embed_keeps_streaming_equal_to_packed_and_starts_as_the_network
                                    plain.net(x, sigma, text, plan=plan, clean=clean), atol=1e-6, rtol=0)
     codes = spatial_features(8, 8)  # [64, 32]
     assert codes.shape == (64, 32) and torch.cdist(codes, codes).add(torch.eye(64)).min() > 0.1
+
+
+def test_action_tokens_keep_streaming_equal_to_packed_and_start_as_the_network_without_them(tmp_path):
+    """model.action_tokens (one vector per action and token position, added to the frame's tokens): through the
+    Denoiser with per-frame actions, cached == packed holds; zero-initialised, a network with it loaded from a
+    checkpoint without it computes exactly that network; a frame of another token count is refused by name."""
+    from framecast import config as C
+    from framecast.generate import build_denoiser
+    from framecast.models.conditioning import Cond
+    from framecast.train import checkpoint as ckpt
+    from framecast.train.distributed import SINGLE
+    from framecast.train.sharded_load import load_into
+
+    from .conftest import randomise
+
+    mc = C.model_preset("tiny", num_actions=3, action_tokens=6)  # 8x12 frames, patch 4: 2x3 = 6 tokens
+    model = randomise(build_denoiser(mc)).eval()
+    assert model.action_embed.tokens.shape == (4, 6, mc.dim)
+    plan = AttentionPlan("teacher_forcing", 1, 3, 0)
+    B, F = 2, 5
+    x, clean, sigma = torch.randn(B, F, 3, 8, 12), torch.randn(B, F, 3, 8, 12), torch.rand(B, F)
+    cond = Cond(torch.randn(B, 5, mc.text_dim), torch.randint(0, 4, (B, F)))
+    with torch.no_grad():
+        packed = model.velocity(x, sigma, cond, plan=plan, clean=clean)
+        cache, outs = model.new_cache(window=3), []
+        for f in range(F):
+            pos, c = torch.arange(f, f + 1), cond.frames(f, f + 1)
+            outs.append(model.velocity(x[:, f:f + 1], sigma[:, f:f + 1], c, cache=cache, positions=pos))
+            model.commit(clean[:, f:f + 1], c, cache, positions=pos)
+        torch.testing.assert_close(torch.cat(outs, dim=1), packed, atol=ATOL, rtol=0)
+        swapped = Cond(cond.text, cond.actions.roll(1, dims=0))
+        model.action_embed.table.weight.zero_()  # only the token route tells the actions apart now
+        assert (model.velocity(x, sigma, swapped, plan=plan, clean=clean)
+                - model.velocity(x, sigma, cond, plan=plan, clean=clean)).abs().max() > 1e-3
+        with pytest.raises(ValueError, match="model.action_tokens must be 4"):
+            model.velocity(x[..., :8], sigma, cond, plan=plan, clean=clean[..., :8])  # 8x8: 2x2 tokens
+    plain = randomise(build_denoiser(C.model_preset("tiny", num_actions=3))).eval()
+    ckpt.save(tmp_path / "plain", 1, weights={"model": plain.state_dict()}, meta={"stage": "stage1"})
+    grown = build_denoiser(mc).eval()
+    assert grown.action_embed.tokens.abs().max() == 0  # zero-initialised
+    load_into(grown, tmp_path / "plain", SINGLE)
+    with torch.no_grad():
+        torch.testing.assert_close(grown.velocity(x, sigma, cond, plan=plan, clean=clean),
+                                   plain.velocity(x, sigma, cond, plan=plan, clean=clean), atol=1e-6, rtol=0)
+    with pytest.raises(C.ConfigError, match="action_tokens needs actions"):
+        build_denoiser(C.model_preset("tiny", action_tokens=6))

@@ -38,6 +38,7 @@ class Backbone(Protocol):
 
     `Denoiser` calls it and sizes a `KVCache` from it: one cache layer per block (`blocks`; a backbone with
     no block list may expose `num_layers` instead, see `layer_count`), and `inner_dim` for `frame_emb`.
+    `token_emb` (model.action_tokens) is passed only to a model that has the token route.
     """
 
     @property
@@ -49,12 +50,12 @@ class Backbone(Protocol):
     def forward(self, x: Tensor, sigma: Tensor, text: Tensor, *, plan: AttentionPlan = BIDIRECTIONAL,
                 positions: Tensor | None = None, cache: KVCache | None = None, commit: bool = False,
                 clean: Tensor | None = None, clean_sigma: Tensor | None = None,
-                frame_emb: Tensor | None = None) -> Tensor: ...
+                frame_emb: Tensor | None = None, token_emb: Tensor | None = None) -> Tensor: ...
 
     def __call__(self, x: Tensor, sigma: Tensor, text: Tensor, *, plan: AttentionPlan = BIDIRECTIONAL,
                  positions: Tensor | None = None, cache: KVCache | None = None, commit: bool = False,
                  clean: Tensor | None = None, clean_sigma: Tensor | None = None,
-                 frame_emb: Tensor | None = None) -> Tensor: ...
+                 frame_emb: Tensor | None = None, token_emb: Tensor | None = None) -> Tensor: ...
 
 
 def layer_count(net: Any) -> int:

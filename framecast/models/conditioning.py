@@ -9,6 +9,8 @@
     - `umt5`: Wan's umT5-XXL (`umt5.py`) from a transformers folder or the original .pth (`source`).
 * `ActionEmbedder` maps actions to a per-frame vector added to the time embedding. It is zero-initialised
   so attaching it to a pretrained model changes nothing at step 0; index `num_actions` is the null action.
+  With `tokens` > 0 it also maps each action to one vector per token position, added to that frame's tokens
+  (`model.action_tokens`, docs/world_model.md "Actions per token"), also zero-initialised.
 """
 
 from __future__ import annotations
@@ -160,16 +162,25 @@ def build_text_encoder(name: str, dim: int, max_tokens: int, seed: int = 0, *,
 
 class ActionEmbedder(nn.Module):
     """actions[B, F] -> [B, F, D], added to the per-frame time embedding (adaLN route). Zero-initialised unless
-    `init_std` > 0: then every row (the null one included) starts as an independent N(0, init_std^2) draw."""
+    `init_std` > 0: then every row (the null one included) starts as an independent N(0, init_std^2) draw.
 
-    def __init__(self, num_actions: int, dim: int, init_std: float = 0.0) -> None:
+    `tokens` > 0 adds the token route: actions[B, F] -> [B, F, tokens, D], one zero-initialised vector per
+    (action, token position), added to the frame's tokens after patchify. The adaLN route shifts every token of
+    a frame alike; a turn moves each token by an offset that depends on where it is, and a per-position vector
+    in the query lets attention ask for that offset directly (RoPE scores relative offsets only)."""
+
+    def __init__(self, num_actions: int, dim: int, init_std: float = 0.0, tokens: int = 0) -> None:
         super().__init__()
         if num_actions < 1:
             raise ValueError(f"num_actions must be >= 1, got {num_actions}")
         if not init_std >= 0:
             raise ValueError(f"init_std must be >= 0, got {init_std}")
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens}")
         self.num_actions = num_actions
         self.table = nn.Embedding(num_actions + 1, dim)  # last row: the null action
+        # [A + 1, T, D]: zero, so a network started from one without it starts as that network
+        self.tokens = nn.Parameter(torch.zeros(num_actions + 1, tokens, dim)) if tokens else None
         # Zero rows start equal; random rows start apart. On MiniGrid training pulled left and right together
         # either way (docs/world_model.md, "Distinct action rows"), so the zero init stays the default.
         if init_std > 0:
@@ -188,6 +199,10 @@ class ActionEmbedder(nn.Module):
             raise ValueError(f"actions must lie in [0, {self.num_actions}] ({self.num_actions} = null), "
                              f"got values {sorted(set(actions.flatten().tolist()))[:8]}")
         return self.table(actions)
+
+    def token_emb(self, actions: Tensor) -> Tensor | None:
+        """actions[B, F] -> [B, F, T, D] of the token route, or None without one (checked by `forward`)."""
+        return None if self.tokens is None else self.tokens[actions]
 
     def null(self, batch: int, frames: int, device: torch.device | str = "cpu") -> Tensor:
         return torch.full((batch, frames), self.null_action, dtype=torch.long, device=device)

@@ -56,20 +56,26 @@ class Denoiser(nn.Module):
                                  max_frames=max_frames, order=order)
         return KVCache(self.num_layers, block_size=block_size, window=window, sink=sink)
 
-    def _frame_emb(self, cond: Cond, frames: int) -> Tensor | None:
+    def _action_kwargs(self, cond: Cond, frames: int) -> dict[str, Tensor]:
+        """The backbone's action inputs: frame_emb [B, F, D] (adaLN route) and, with model.action_tokens,
+        token_emb [B, F, T, D] (token route); none without an action embedder."""
         if self.action_embed is None:
             if cond.actions is not None:
                 raise ValueError("actions were given but this model has no action embedder (model.num_actions=0)")
-            return None
+            return {}
         actions = cond.actions
         if actions is None:
             actions = self.action_embed.null(cond.batch, frames, cond.text.device)
         if actions.shape != (cond.batch, frames):
             raise ValueError(f"actions must be [B={cond.batch}, F={frames}] for this forward, got {tuple(actions.shape)}")
-        return self.action_embed(actions)
+        out = {"frame_emb": self.action_embed(actions)}
+        tokens = self.action_embed.token_emb(actions)
+        if tokens is not None:  # only then: a backbone without the token route never sees the argument
+            out["token_emb"] = tokens
+        return out
 
     def _raw(self, x: Tensor, sigma: Tensor, cond: Cond, **kw) -> Tensor:
-        return self.net(x, sigma, cond.text, frame_emb=self._frame_emb(cond, x.shape[1]), **kw)
+        return self.net(x, sigma, cond.text, **self._action_kwargs(cond, x.shape[1]), **kw)
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond, *, guidance: Guidance | None = None,
                  plan: AttentionPlan = BIDIRECTIONAL, cache: KVCache | None = None, positions: Tensor | None = None,

@@ -60,6 +60,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         clean: Tensor | None = None,
         clean_sigma: Tensor | None = None,
         frame_emb: Tensor | None = None,
+        token_emb: Tensor | None = None,
         **stock_kwargs,
     ) -> Tensor:
         """Velocity prediction v[B, F, C, H, W].
@@ -76,6 +77,7 @@ class CausalWanTransformer(WanTransformer3DModel):
             clean: teacher forcing (method.md §3.3): the clean copy [B, F, C, H, W] packed before x; it gets
                 sigma `clean_sigma` (default 0) and the same RoPE positions; only x's half is returned.
             frame_emb: per-frame embedding [B, F, D] added to the time embedding (actions).
+            token_emb: per-token embedding [B, F, T, D] added to the patch tokens (model.action_tokens).
         """
         if stock_kwargs:  # diffusers pipelines call transformer(hidden_states=..., timestep=..., ...)
             return super().forward(**stock_kwargs)
@@ -83,9 +85,15 @@ class CausalWanTransformer(WanTransformer3DModel):
         grid, sigma, positions = check_inputs(  # grid: B, F, H, W, T tokens per frame; sigma [B, F]
             x, sigma, text, positions=positions, frame_emb=frame_emb, cache=cache, commit=commit,
             channels=cfg.in_channels, text_dim=cfg.text_dim, dim=self.inner_dim, patch_size=cfg.patch_size)
+        if token_emb is not None and token_emb.shape != (grid.B, grid.F, grid.T, self.inner_dim):
+            raise ValueError(f"token_emb must be [{grid.B}, {grid.F}, {grid.T}, {self.inner_dim}] (T = {grid.hp}x"
+                             f"{grid.wp} tokens per frame: model.action_tokens must be {grid.T}), "
+                             f"got {tuple(token_emb.shape)}")
         x, sigma, positions, frame_emb = pack_teacher_forcing(  # [B, Fs, C, H, W], Fs = 2F under teacher forcing
             x, sigma, positions, frame_emb, clean, clean_sigma, plan, cache)
-        h = self._patchify(x, grid)  # [B, Fs*T, D]
+        if token_emb is not None and clean is not None:
+            token_emb = torch.cat([token_emb, token_emb], dim=1)  # the clean twin gets its frame's actions too
+        h = self._patchify(x, grid, token_emb)  # [B, Fs*T, D]
         temb, mod = self._time_embedding(sigma, frame_emb, h)  # [B, Fs, D], [B, Fs, 6, D]
         text_states = LazyText(self.condition_embedder.text_embedder, text)  # [B, Lt, D]; a warm cache never asks
         rope = rope_3axis(positions, grid.hp, grid.wp, cfg.attention_head_dim)  # complex [Fs*T, head_dim/2]
@@ -103,7 +111,7 @@ class CausalWanTransformer(WanTransformer3DModel):
     def inner_dim(self) -> int:
         return self.config.num_attention_heads * self.config.attention_head_dim
 
-    def _patchify(self, x: Tensor, grid: TokenGrid) -> Tensor:
+    def _patchify(self, x: Tensor, grid: TokenGrid, token_emb: Tensor | None = None) -> Tensor:
         """[B, Fs, C, H, W] -> [B, Fs*T, D]. The Conv3d has stride == kernel, so it is one matmul over
         non-overlapping (C, ph, pw) patches; as a linear it avoids the slow CPU convolution path (benchmarks/)."""
         conv = self.patch_embedding
@@ -112,6 +120,8 @@ class CausalWanTransformer(WanTransformer3DModel):
         if embed is not None:
             pos = embed(spatial_features(grid.hp, grid.wp, h.device).to(embed.weight.dtype))  # [hp*wp, D]
             h = h + pos.view(grid.hp, grid.wp, -1).type_as(h)
+        if token_emb is not None:  # [B, Fs, T, D], T row-major like the token grid
+            h = h + token_emb.unflatten(2, (grid.hp, grid.wp)).type_as(h)
         return h.flatten(1, 3)
 
     def _time_embedding(self, sigma: Tensor, frame_emb: Tensor | None, h: Tensor) -> tuple[Tensor, Tensor]:
