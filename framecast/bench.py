@@ -73,6 +73,8 @@ METHODS: tuple[Method, ...] = (
     Method("CF: causal ODE + DMD, 2-step", "dmd_ode_2step", "frame-wise", init="ode", dmd=True),
     Method("CF++: causal CD + DMD, 2-step", "dmd_2step", "frame-wise", init="cd", dmd=True),
     Method("CF++: causal CD + DMD, 4-step", "dmd_4step", "frame-wise", init="cd", dmd=True),
+    Method("init only: causal CD with the boundary pair, 4-step", "cd_bnd", "init", init="cd_bnd"),
+    Method("CF++ with the boundary pair: CD + DMD, 2-step", "dmd_bnd_2step", "frame-wise", init="cd_bnd", dmd=True),
     Method("CF++ chunk-wise (K=3): CD + DMD, 4-step", "dmd_chunk_4step", "chunk-wise", init="cd_chunk", dmd=True),
     Method("CF++ from the DF teacher, 2-step", "dmd_df_2step", "stage-1 ablation", init="cd_df", dmd=True),
 )
@@ -87,6 +89,9 @@ COMPARISONS: tuple[tuple[str, str, str], ...] = (
     ("dmd_2step", "dmd_sf_2step", "causal CD init beats the bidirectional-teacher init, 2 steps"),
     ("dmd_1step", "dmd_ode_1step", "CD beats ODE after DMD, 1 step"),
     ("dmd_2step", "dmd_ode_2step", "CD beats ODE after DMD, 2 steps"),
+    ("dmd_bnd_2step", "dmd_ode_2step", "CD with the boundary pair beats ODE after DMD, 2 steps"),
+    ("dmd_bnd_2step", "dmd_2step", "the boundary pair improves CF++, 2 steps"),
+    ("cd_bnd", "cd", "the boundary pair improves the CD init (4 steps both)"),
     ("dmd_2step", "dmd_1step", "2 steps beat 1"),
     ("dmd_4step", "dmd_2step", "4 steps beat 2"),
     ("dmd_2step", "dmd_chunk_4step", "frame-wise 2-step beats chunk-wise 4-step"),

@@ -66,7 +66,8 @@ def test_bench_recipe_reuses_the_toy_recipes_stages():
         for key, cfg in _resolved(CONFIGS / f"{name}.yaml").items():
             assert bench[key] == cfg, (name, key)
             shared.add(key)
-    assert set(bench) - shared == {"stage1_df", "dmd_ode_1step", "dmd_sf_1step", "cd_df", "dmd_df_2step"}
+    assert set(bench) - shared == {"stage1_df", "dmd_ode_1step", "dmd_sf_1step", "cd_df", "dmd_df_2step",
+                                   "cd_bnd", "dmd_bnd_2step"}
     assert "/stage1_df/" in bench["cd_df"]["cd"]["teacher"] and "/stage1/" in bench["cd"]["cd"]["teacher"]
     from framecast.bench import METHODS
     assert {m.stage for m in METHODS if m.stage} <= set(bench)

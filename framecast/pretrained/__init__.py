@@ -8,8 +8,8 @@ the SHA-256 of every shipped weight file; resolving a name checks it, so a trunc
 error naming the file instead of a model that samples garbage (tests/test_pretrained.py checks it too).
 
 How each model was made, and its scores: docs/results.md ("The pretrained toy base") for `toy-base`, the text-to-video
-base the quickstart and new toy recipes start from, and `toy-base-v1`, its first version, which the benchmark's
-recipes pin until the benchmark is re-run; docs/world_model.md for `minigrid`, the MiniGrid 2-step world-model student that
+base the quickstart, the benchmark and the toy recipes start from, and `toy-base-v1`, its first version, kept so
+the first benchmark table (2026-12-01) can be reproduced; docs/world_model.md for `minigrid`, the MiniGrid 2-step world-model student that
 `framecast play --pretrained minigrid` serves (it ships with its own start views, `start/`).
 
 A shipped model can be replaced by a better one under the same name. A run trained from it must then not pass
@@ -34,7 +34,7 @@ WEIGHTS = "model.safetensors"
 # name -> SHA-256 of its weights (ckpt/step_0000000/model.safetensors); update it with the file, never alone
 REGISTRY: dict[str, str] = {
     "toy-base": "a2cb2ac4788ed01c5539f36446f74f97810a3fb4a3e55b7d46889c8ccf9edfd4",
-    # the first toy base: docs/results.md's benchmark table was measured from it (configs/bench_toy.yaml)
+    # the first toy base: docs/results.md's first benchmark table (2026-12-01) was measured from it
     "toy-base-v1": "ad4cb62436f3a7e1883c45a3ac6e763ee64f97f17df5f1507f95427fcc6df00f",
     "minigrid": "2792275e15ff16bf43959aaa37e3ec981660f825175dd547b5e337aa96f4d51a",
 }
