@@ -126,7 +126,8 @@ def frame_positions(positions: Tensor | None, cache: KVCache | None, Fn: int, de
 
 def check_inputs(x: Tensor | None, sigma: Tensor | None, text: Tensor | None, *, positions: Tensor | None,
                  frame_emb: Tensor | None, cache: KVCache | None, commit: bool, channels: int, text_dim: int,
-                 dim: int, patch_size: tuple[int, int, int]) -> tuple[TokenGrid, Tensor, Tensor]:
+                 dim: int, patch_size: tuple[int, int, int],
+                 token_emb: Tensor | None = None) -> tuple[TokenGrid, Tensor, Tensor]:
     """Validate one forward's arguments; returns (grid, sigma [B, F] float, positions [F])."""
     B, Fn, C, H, W = check_video(x, channels, "x")
     pt, ph, pw = patch_size
@@ -141,9 +142,13 @@ def check_inputs(x: Tensor | None, sigma: Tensor | None, text: Tensor | None, *,
     positions = frame_positions(positions, cache, Fn, x.device)  # type: ignore[union-attr]
     if frame_emb is not None and frame_emb.shape != (B, Fn, dim):
         raise ValueError(f"frame_emb must be [{B}, {Fn}, {dim}], got {tuple(frame_emb.shape)}")
+    grid = TokenGrid(B, Fn, H, W, ph, pw)
+    if token_emb is not None and token_emb.shape != (B, Fn, grid.T, dim):
+        raise ValueError(f"token_emb must be [{B}, {Fn}, {grid.T}, {dim}] (T = {grid.hp}x{grid.wp} tokens per frame: "
+                         f"model.action_tokens must be {grid.T}), got {tuple(token_emb.shape)}")
     if commit and cache is None:
         raise ValueError("commit=True needs a cache")
-    return TokenGrid(B, Fn, H, W, ph, pw), sigma, positions
+    return grid, sigma, positions
 
 
 def pack_teacher_forcing(x: Tensor, sigma: Tensor, positions: Tensor, frame_emb: Tensor | None,

@@ -84,11 +84,8 @@ class CausalWanTransformer(WanTransformer3DModel):
         cfg = self.config
         grid, sigma, positions = check_inputs(  # grid: B, F, H, W, T tokens per frame; sigma [B, F]
             x, sigma, text, positions=positions, frame_emb=frame_emb, cache=cache, commit=commit,
-            channels=cfg.in_channels, text_dim=cfg.text_dim, dim=self.inner_dim, patch_size=cfg.patch_size)
-        if token_emb is not None and token_emb.shape != (grid.B, grid.F, grid.T, self.inner_dim):
-            raise ValueError(f"token_emb must be [{grid.B}, {grid.F}, {grid.T}, {self.inner_dim}] (T = {grid.hp}x"
-                             f"{grid.wp} tokens per frame: model.action_tokens must be {grid.T}), "
-                             f"got {tuple(token_emb.shape)}")
+            channels=cfg.in_channels, text_dim=cfg.text_dim, dim=self.inner_dim, patch_size=cfg.patch_size,
+            token_emb=token_emb)
         x, sigma, positions, frame_emb = pack_teacher_forcing(  # [B, Fs, C, H, W], Fs = 2F under teacher forcing
             x, sigma, positions, frame_emb, clean, clean_sigma, plan, cache)
         if token_emb is not None and clean is not None:
