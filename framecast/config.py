@@ -5,8 +5,8 @@ the wrong type or outside its field's rule, e.g. `steps: int = POSITIVE(100)`, i
 
     defaults (this file)  ->  YAML recipe (`configs/*.yaml`)  ->  command-line `a.b=c` overrides
 
-`model.preset` names a size preset (`tiny`, `toy`, `wan2.1-1.3b`, `wan2.1-14b`); keys next to it override
-it. The resolved config is written into every run and checkpoint (architecture.md §5).
+`model.preset` names a size preset (`tiny`, `toy`, `wan2.1-1.3b`, `wan2.1-14b`); keys next to it override it.
+The resolved config is written into every run and checkpoint (architecture.md §5).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from .schema import (DECAY, DEVICE_NAME, FINITE, FINITE_NON_NEGATIVE, FINITE_POS
 
 __all__ = ["ConfigError", "RunConfig", "from_dict", "load", "load_recipe", "parse_override", "to_dict", "upgrade"]
 
-# --- Schemas ---
 
 @dataclass
 class ModelConfig:
@@ -112,6 +111,8 @@ class ObjectiveConfig:
     window: int = NON_NEGATIVE(0)  # attention window in frames, counting the current block; 0 = unbounded
     sink: int = NON_NEGATIVE(0)  # frames at the start that stay visible when a window is set
     text_dropout: float = PROBABILITY(0.1)  # caption dropout: the model also learns the unconditional velocity
+    motion_weight: float = FINITE_NON_NEGATIVE(0.0)  # > 0: moving elements weigh 1 + this (docs/world_model.md)
+    motion_threshold: float = FINITE_NON_NEGATIVE(0.1)  # "moving": |change from the previous frame| > this
 
 
 @dataclass
@@ -242,7 +243,6 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 # --- From plain data: strict for what users write, upgrading for what checkpoints stored ---
-
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)

@@ -110,7 +110,12 @@ def loss_checks(rows: list[dict], rule: LossRule, from_scratch: bool) -> list[Ch
                 out.append(Check(key, FAIL if last > 3 * first else OK, f"{trend}; {why} must not blow up"))
             continue
         if from_scratch and rule.halve_from_scratch:
-            out.append(Check(key, OK if last <= 0.5 * first else FAIL, trend + "; from scratch it must halve"))
+            # against the untrained network's loss (the first twentieth of the rows), not the first fifth's: a
+            # run that learns within its first fifth and then sits at its data's floor (Breakout's mostly still
+            # screen, docs/world_model.md) has learnt, and a flat log still fails
+            start = sum(vals[:(k := max(1, len(vals) // 20))]) / k
+            out.append(Check(key, OK if last <= 0.5 * start else FAIL,
+                             f"{trend}; from scratch it must halve from the first twentieth's {start:.4g}"))
         else:
             out.append(Check(key, OK if last <= 1.10 * first else FAIL, trend + "; must not rise"))
     return out
