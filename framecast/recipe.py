@@ -34,6 +34,7 @@ from . import stages as S
 from .eval.health import Health, check_stage
 from .generate import build_denoiser, describe, sample
 from .media import grid, plot_metrics, write_video
+from .models.transformer import capacity_problem
 from .runs import check_resume, finished
 from .schema import differing_keys
 from .spec import SamplingSpec
@@ -78,6 +79,8 @@ def train_stage(cfg: C.RunConfig, *, allow_change: bool = False) -> Path:
     dist = distributed.init(cfg.train.device, shard_group=cfg.dist.shard_group)  # one process unless torchrun
     torch.manual_seed(cfg.train.seed)  # parameter init
     lazy = dist.active  # torchrun: networks with weights to load start on the meta device (train/sharded_load.py)
+    if problem := capacity_problem(cfg.model):  # trains, but to a floor the steps cannot lower
+        print(f"warning: model: {problem}", flush=True)
     model = build_denoiser(cfg.model, "meta" if lazy and cfg.init else dist.device if lazy else cfg.train.device)
     if cfg.init and not lazy:
         print(f"init: {load_into(model, cfg.init, dist)}", flush=True)  # framecast, DCP or Wan (its EMA if kept)

@@ -73,3 +73,12 @@ def test_stored_configs_of_older_versions_are_upgraded():
     assert cfg.ode.guidance == cfg.cd.guidance == 2.5 and cfg.ode.teacher_kind == "bidirectional"
     assert cfg.dmd.critic_ratio == 3 and cfg.dmd.sigma_min == 0.05 and cfg.model.codec == "identity"
     assert "distill" in old  # the stored dict itself is left alone
+
+
+def test_capacity_problem_names_a_patch_wider_than_the_network():
+    from framecast.models.transformer import capacity_problem
+
+    assert capacity_problem(C.model_preset("toy")) == ""  # 4x4 RGB patches: 48 values through width 128
+    assert capacity_problem(C.model_preset("wan2.1-1.3b")) == ""  # 2x2 patches of 16 channels: 64 through 1536
+    why = capacity_problem(C.model_preset("toy", patch_size=(1, 8, 8)))  # Breakout's first recipe
+    assert "192 values" in why and "128-wide" in why and "below 0.33" in why

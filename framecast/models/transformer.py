@@ -24,6 +24,8 @@ assumed; the token sequence is frame-major, [B, F*T, D].
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
@@ -248,6 +250,22 @@ def build_transformer(cfg: ModelConfig, *, device: str | torch.device = "cpu") -
     if cfg.gradient_checkpointing:
         net.gradient_checkpointing = True
     return net
+
+
+def capacity_problem(cfg: ModelConfig) -> str:
+    """Why the network cannot fit flow matching's velocity, or "" when it can.
+
+    The output layer maps each token's `dim` features to the patch's patch_t*patch_h*patch_w*out_channels
+    values, so its outputs span at most `dim` of them. The velocity target eps - x0 holds the isotropic noise
+    of every value, and the part of it outside that span cannot be predicted: the per-element loss cannot fall
+    below (values - dim) / values. Breakout's 8x8 RGB patches through the toy width (192 values, width 128)
+    sat at 0.36 against that bound of 0.33 (docs/world_model.md, "Breakout")."""
+    values = math.prod(cfg.patch_size) * cfg.out_channels
+    if values <= cfg.dim:
+        return ""
+    return (f"each token outputs {values} values (patch {tuple(cfg.patch_size)} x {cfg.out_channels} channels) "
+            f"through a {cfg.dim}-wide network: the noise in {values - cfg.dim} of them cannot be predicted and "
+            f"the loss cannot fall below {(values - cfg.dim) / values:.2f}; use a smaller patch or a wider model")
 
 
 def count_params(module: torch.nn.Module) -> int:
