@@ -130,10 +130,10 @@ def test_record_cli(tmp_path, capsys):
     assert "different recording" in capsys.readouterr().err
 
 
-def test_record_breakout_64px_paddle_follows_actions(tmp_path):
+def test_record_breakout_32px_paddle_follows_actions(tmp_path):
     pytest.importorskip("ale_py", reason="Breakout needs ale-py (the [world] extra)")
     d = load_episodes(record("breakout", tmp_path, episodes=3, frames=24, seed=0, shard_size=2, progress=False).parent)
-    assert d["frames"].shape == (3, 24, 3, 64, 64) and d["manifest"]["state_fields"][0] == "paddle_x"
+    assert d["frames"].shape == (3, 24, 3, 32, 32) and d["manifest"]["state_fields"][0] == "paddle_x"
     assert (d["actions"][:, 0] == 4).all()
     again = load_episodes(record("breakout", tmp_path / "again", episodes=3, frames=24, seed=0, shard_size=2,
                                  progress=False).parent)
@@ -155,7 +155,7 @@ def test_environments_are_one_class_each():
         assert set(env.key_map.values()) == {a for a, k in zip(env.actions, env.keys) if k}
     assert ENVS["minigrid"].key_map == {"ArrowLeft": "left", "ArrowRight": "right", "ArrowUp": "forward"}
     assert ENVS["breakout"].key_map == {" ": "fire", "ArrowRight": "right", "ArrowLeft": "left"}
-    assert (ENVS["minigrid"].size, ENVS["breakout"].size) == (32, 64)
+    assert (ENVS["minigrid"].size, ENVS["breakout"].size) == (32, 32)
     mg = ENVS["minigrid"]
     assert mg.blocked(2, [1, 1, 0], [1, 1, 0]) and not mg.blocked(2, [1, 1, 0], [2, 1, 0])
     assert not mg.blocked(0, [1, 1, 0], [1, 1, 0])  # a turn in place is not blocked

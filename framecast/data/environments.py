@@ -127,7 +127,7 @@ class Breakout(Environment):
     env_actions = (0, 1, 2, 3)
     keys = ("", " ", "ArrowRight", "ArrowLeft")
     state_fields = ("paddle_x", "ball_x", "ball_y")
-    size = 64
+    size = 32  # the recipes' size: 4x4 RGB patches keep 48 values per token (configs/breakout.yaml)
 
     def make(self, tile: int):
         try:
