@@ -259,7 +259,8 @@ def _cd(cfg: C.RunConfig, model: Denoiser, source, roles) -> StagePlan:
     c = cfg.cd
     objective = CausalCD(model, roles["teacher"], steps=c.grid_steps, shift=cfg.flow.shift,
                          block_size=cfg.objective.block_size, guidance=c.guidance, target_decay=c.target_decay,
-                         few_step_sigmas=ode_anchors(cfg), boundary_pair=c.boundary_pair)
+                         few_step_sigmas=ode_anchors(cfg), boundary_pair=c.boundary_pair,
+                         motion=(cfg.objective.motion_weight, cfg.objective.motion_threshold))
     return StagePlan(objective, source)
 
 

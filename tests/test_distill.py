@@ -1008,3 +1008,24 @@ def test_cli_samples_a_dmd_checkpoint_few_step_by_default(recipe_run, tmp_path, 
     assert video.shape == (1, 4, 3, 16, 16) and torch.isfinite(video).all()
     assert main(["sample", "--ckpt", dmd, "--sampler", "euler", "--out", str(tmp_path / "e")]) == 2
     assert "few-step generator" in capsys.readouterr().err
+
+
+def test_cd_motion_weight_weighs_the_frames_that_moved_and_leaves_a_still_video_alone():
+    """CD weighs its loss as Stage 1 did (objective.motion_weight, diffusion.motion_weights): a still video's loss
+    is unchanged, and a video whose second frame moved everywhere gets a loss affine in the weight."""
+    def loss(video, weight):
+        student, teacher = _SigmaStub(), _SigmaStub()
+        with torch.no_grad():
+            teacher.w.fill_(0.3)  # unlike the student: the loss is not zero
+        obj = CausalCD(student, teacher, steps=4, shift=SHIFT, block_size=1, guidance=1.0, target_decay=0.5,
+                       motion=(weight, 0.1))
+        b = _batch(B=2, F=2)
+        b.video[:] = video
+        return obj.losses(b, 0, torch.Generator().manual_seed(3))["model"][0].item()
+
+    still = torch.randn(2, 1, 3, 8, 8).expand(2, 2, 3, 8, 8).clone()
+    assert loss(still, 0.0) == loss(still, 5.0) > 0
+    moving = still.clone()
+    moving[:, 1] += 1.0  # every element of frame 1 moved by more than the threshold
+    l0, l1, l2 = loss(moving, 0.0), loss(moving, 1.0), loss(moving, 2.0)
+    assert l1 > l0 and abs((l2 - l0) - 2 * (l1 - l0)) < 1e-6 * l2

@@ -16,7 +16,8 @@ Stage-1 initialisation (method.md §12.5). `boundary_pair=True` trains it too (n
 sigma 0 is the teacher's own one-step x0 (G(x, 0) = x), an anchor that the chain of pairs above it otherwise
 lacks (not the paper's objective; docs/results.md, "The quickstart from the pretrained base"). After every
 student update the target moves towards it with `target_decay` (`after_update`, called by the trainer) and is
-saved with the checkpoint (`state_modules`).
+saved with the checkpoint (`state_modules`). `objective.motion_weight` weighs the loss as it weighs Stage 1's
+(diffusion.motion_weights), where the student must keep what a few moving elements carry (Breakout's paddle).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .. import flow
 from ..data.batch import Batch
 from ..models.attention import AttentionPlan
 from ..models.denoiser import Guidance
+from .diffusion import motion_weights
 from . import Losses, Objective
 
 Tensor = torch.Tensor
@@ -49,7 +51,8 @@ def freeze(module):
 
 class CausalCD(Objective):
     def __init__(self, model, teacher, *, steps: int, shift: float, block_size: int, guidance: float,
-                 target_decay: float, few_step_sigmas: Tensor | None = None, boundary_pair: bool = False) -> None:
+                 target_decay: float, few_step_sigmas: Tensor | None = None, boundary_pair: bool = False,
+                 motion: tuple[float, float] = (0.0, 0.0)) -> None:
         if steps < 2:
             raise ConfigError(f"cd.grid_steps must be >= 2 (a CD grid needs two points), got {steps}")
         if not 0.0 <= target_decay < 1.0:
@@ -61,6 +64,7 @@ class CausalCD(Objective):
         self.sigmas = flow.grid(steps, shift).float()  # [N + 1], ends at 0
         self.steps, self.guidance, self.decay = steps, guidance, target_decay
         self.pairs = steps if boundary_pair else steps - 1  # n ~ U{0..pairs-1}; the pair n -> n + 1
+        self.motion = motion  # (objective.motion_weight, motion_threshold): the teacher's loss weighting
         self.plan = AttentionPlan("teacher_forcing", block_size)
         self.roles = {"model": model}
 
@@ -96,5 +100,8 @@ class CausalCD(Objective):
         with torch.no_grad():
             target = self.target.x0(x_next, self._sig(n + 1, x_gt), batch.cond, plan=self.plan, clean=x_gt)
         pred = self.model.x0(x_n, self._sig(n, x_gt), batch.cond, plan=self.plan, clean=x_gt)
-        loss = (pred - target).pow(2).mean()
+        err = (pred - target).pow(2)  # [B, F, C, H, W]
+        if self.motion[0] > 0:  # weighted as the teacher was (diffusion.motion_weights), not to lose its control
+            err = err * motion_weights(x_gt, *self.motion)
+        loss = err.mean()
         return {"model": (loss, {"loss": loss.item()})}
