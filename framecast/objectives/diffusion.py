@@ -55,7 +55,7 @@ def motion_weights(x0: Tensor, weight: float, threshold: float) -> Tensor:
     """Per-element loss weights 1 + weight * [any channel of the frame changed from the previous frame by more
     than threshold], 1 on the first frame. The moved region covers both where a sprite was and where it is.
 
-    Why: in a game screen the part the actions move (Breakout's paddle, about 6x1 of 64x64 px) is a fraction
+    Why: in a game screen the part the actions move (Breakout's paddle, about 3x1 of 32x32 px) is a fraction
     of a percent of the loss, so the uniform mean learns the static screen long before the part the actions
     control (docs/world_model.md, "Breakout"). The weight depends on the clean frames only, so the minimiser
     for an element is the weighted conditional mean; for deterministic dynamics given the context frames and
@@ -87,12 +87,14 @@ class FlowMatching(Objective):
         clean = x0 if self.obj.mode == "teacher_forcing" else None
         v = self.model.velocity(xt, sigma, cond, plan=self.plan, clean=clean)
         err = (v - flow.velocity_target(x0, eps)).pow(2)  # [B, F, C, H, W]
-        mse = err.mean(dim=(2, 3, 4))  # [B, F]
+        mse = err.mean(dim=(2, 3, 4))  # [B, F], logged unweighted
+        per_frame = mse
         if self.obj.motion_weight > 0:
-            err = err * motion_weights(x0, self.obj.motion_weight, self.obj.motion_threshold)
+            m = motion_weights(x0, self.obj.motion_weight, self.obj.motion_threshold)  # [B, F, 1, H, W]
+            per_frame = (err * m).mean(dim=(2, 3, 4))  # [B, F]
         if self.flow.weighting == "bell":
             w = flow.bell_weight(sigma, self.flow.shift, self.flow.num_train_timesteps)
         else:
             w = torch.ones_like(sigma)
-        loss = (w * err.mean(dim=(2, 3, 4))).mean()
+        loss = (w * per_frame).mean()
         return {"model": (loss, {"loss": loss.item(), "mse": mse.mean().item()})}
