@@ -159,3 +159,49 @@ def test_environments_are_one_class_each():
     mg = ENVS["minigrid"]
     assert mg.blocked(2, [1, 1, 0], [1, 1, 0]) and not mg.blocked(2, [1, 1, 0], [2, 1, 0])
     assert not mg.blocked(0, [1, 1, 0], [1, 1, 0])  # a turn in place is not blocked
+
+
+def test_max_resample_is_the_block_maximum_and_keeps_thin_objects():
+    """`resample="max"`: every frame pixel is the channel-wise maximum of its block of screen pixels (checked against
+    a loop over blocks), so a one-pixel object keeps its full colour where an area-weighted resize dims it."""
+    import numpy as np
+
+    from framecast.data.environments import max_pool
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (210, 160, 3), dtype=np.uint8)
+    out = max_pool(img, 32)
+    rows, cols = (np.arange(33) * 210) // 32, (np.arange(33) * 160) // 32
+    want = np.stack([np.stack([img[rows[i]:rows[i + 1], cols[j]:cols[j + 1]].max((0, 1)) for j in range(32)])
+                     for i in range(32)])
+    assert out.shape == (32, 32, 3) and np.array_equal(out, want)
+    dot = np.zeros((210, 160, 3), np.uint8)
+    dot[101, 77] = (200, 72, 72)  # a ball-sized speck
+    assert max_pool(dot, 32).reshape(-1, 3).max(0).tolist() == [200, 72, 72]
+    assert ENVS["breakout"].view(dot, 32).max() < 50  # the area resize all but loses it
+    with pytest.raises(RecordError, match="smaller than size 64"):
+        max_pool(img[:40], 64)
+
+
+def test_record_breakout_max_resample_manifest_and_refusals(tmp_path):
+    pytest.importorskip("ale_py", reason="Breakout needs ale-py (the [world] extra)")
+    m = load_episodes(record("breakout", tmp_path / "m", episodes=2, frames=12, seed=0, resample="max",
+                             progress=False).parent)
+    a = load_episodes(record("breakout", tmp_path / "a", episodes=2, frames=12, seed=0, progress=False).parent)
+    assert m["manifest"]["resample"] == "max" and a["manifest"]["resample"] == "area"
+    assert torch.equal(m["state"], a["state"]) and torch.equal(m["actions"], a["actions"])  # the same play
+    # the paddle row: the block maximum keeps the paddle's red at full strength, the area resize dims it
+    # (rows 28-29 of 32 hold the paddle; columns 2-29 leave out the side walls)
+    assert m["frames"][:, :, 0, 28:30, 2:30].amax() >= 180 and a["frames"][:, :, 0, 28:30, 2:30].amax() < 100
+    man = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    del man["resample"]  # a recording from before `resample` reads as area and resumes
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(man))
+    assert load_episodes(tmp_path / "a")["manifest"]["resample"] == "area"
+    record("breakout", tmp_path / "a", episodes=2, frames=12, seed=0, progress=False)
+    with pytest.raises(RecordError, match="resample: 'area' there, 'max' asked"):
+        record("breakout", tmp_path / "a", episodes=2, frames=12, seed=0, resample="max", progress=False)
+    with pytest.raises(RecordError, match="unknown resampling 'nearest'"):
+        record("breakout", tmp_path / "x", episodes=1, frames=2, resample="nearest", progress=False)
+    with pytest.raises(RecordError, match="padded, not resized"):
+        record("minigrid", tmp_path / "y", episodes=1, frames=2, resample="max", progress=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

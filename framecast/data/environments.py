@@ -58,8 +58,9 @@ class Environment:
         """The true state of `env` now, one int per state field."""
         raise NotImplementedError
 
-    def view(self, obs: Any, size: int, align: str = "center") -> np.ndarray:
-        """The observation as a frame [3, size, size] uint8 (`align`: where a smaller view sits, ALIGNS)."""
+    def view(self, obs: Any, size: int, align: str = "center", resample: str = "area") -> np.ndarray:
+        """The observation as a frame [3, size, size] uint8 (`align`: where a smaller view sits, ALIGNS;
+        `resample`: how a larger screen is shrunk, RESAMPLES)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -105,7 +106,7 @@ class MiniGrid(Environment):
         u = env.unwrapped
         return [int(u.agent_pos[0]), int(u.agent_pos[1]), int(u.agent_dir)]
 
-    def view(self, obs: Any, size: int, align: str = "center") -> np.ndarray:
+    def view(self, obs: Any, size: int, align: str = "center", resample: str = "area") -> np.ndarray:
         img = obs["image"]  # [h, w, 3] uint8
         h, w = img.shape[:2]
         if h > size or w > size:
@@ -148,11 +149,32 @@ class Breakout(Environment):
         ram = env.unwrapped.ale.getRAM()  # Breakout RAM: 72 paddle x, 99 ball x, 101 ball y
         return [int(ram[72]), int(ram[99]), int(ram[101])]
 
-    def view(self, obs: Any, size: int, align: str = "center") -> np.ndarray:
+    def view(self, obs: Any, size: int, align: str = "center", resample: str = "area") -> np.ndarray:
+        if resample == "max":
+            return max_pool(obs, size).transpose(2, 0, 1).copy()
+        if resample != "area":
+            raise RecordError(f"unknown resampling {resample!r}; choose one of {RESAMPLES}")
         from PIL import Image
 
-        img = Image.fromarray(obs).resize((size, size), Image.BILINEAR)  # 210x160 -> size x size
+        img = Image.fromarray(obs).resize((size, size), Image.BILINEAR)  # 210x160 -> size x size, area-weighted
         return np.asarray(img).transpose(2, 0, 1).copy()
+
+
+# How a screen larger than the frame is shrunk (Breakout). "area": Pillow's antialiased bilinear resize, the first
+# recordings' (a manifest without the key): at 32 px Breakout's 4-row paddle becomes a faint line 0.6 px high and its
+# 2x4-px ball nearly vanishes. "max": each frame pixel is the channel-wise maximum of its block of screen pixels, so
+# an object of any size keeps its full colour on at least one pixel (docs/world_model.md, "Breakout").
+RESAMPLES = ("area", "max")
+
+
+def max_pool(img: np.ndarray, size: int) -> np.ndarray:
+    """[H, W, C] -> [size, size, C]: the channel-wise maximum over near-equal blocks (H, W >= size)."""
+    h, w = img.shape[:2]
+    if h < size or w < size:
+        raise RecordError(f"max resampling shrinks a screen; {h}x{w} px is smaller than size {size}")
+    rows = (np.arange(size) * h) // size  # block starts: every screen row and column falls in exactly one block
+    cols = (np.arange(size) * w) // size
+    return np.maximum.reduceat(np.maximum.reduceat(img, rows, axis=0), cols, axis=1)
 
 
 # Where MiniGrid's view (cells x tile px) sits in its size x size frame. "center": padded evenly, the first

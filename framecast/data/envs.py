@@ -20,8 +20,8 @@ Everything is deterministic per (seed, episode): episode e resets the environmen
 and draws its actions from Generator(seed, e), so a resumed recording writes exactly the shards an
 uninterrupted one would have, and held-out data is just another seed. MiniGrid's egocentric 7x7-cell view is
 rendered at `tile` px per cell and padded with black to `size` (centred, or on the tile grid with `align="tile"`;
-`turn_repeat` makes its turns come in runs); Breakout's 210x160 screen is resized to
-`size` x `size` (64 keeps the ball visible; docs/world_model.md, environments).
+`turn_repeat` makes its turns come in runs); Breakout's 210x160 screen is shrunk to
+`size` x `size` (`resample="max"` keeps the paddle and the ball at full colour; docs/world_model.md, "Breakout").
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..schema import differing_keys, read_json
-from .environments import (ALIGNS, ENVS, Breakout, Environment, EnvSpec, MiniGrid,  # noqa: F401  (re-exported)
-                           RecordError, get_env, view_offset)
+from .environments import (ALIGNS, ENVS, RESAMPLES, Breakout, Environment, EnvSpec,  # noqa: F401  (re-exported)
+                           MiniGrid, RecordError, get_env, view_offset)
 
 
 def episode_env_seed(seed: int, episode: int) -> int:
@@ -47,12 +47,12 @@ def episode_env_seed(seed: int, episode: int) -> int:
 
 def record_episode(env, seed: int, episode: int, frames: int, size: int,
                    environment: str | Environment = "minigrid", align: str = "center",
-                   turn_repeat: float = 0.0) -> dict[str, np.ndarray]:
+                   turn_repeat: float = 0.0, resample: str = "area") -> dict[str, np.ndarray]:
     """Episode `episode` of the recording with `seed`: frames [F, 3, size, size], actions [F], state [F, S]."""
     spec = get_env(environment)
     rng, env_seed = np.random.default_rng([seed, episode]), episode_env_seed(seed, episode)
     obs, _ = env.reset(seed=env_seed)
-    out_f, out_a, out_s = [spec.view(obs, size, align)], [spec.null_action], [spec.state(env)]
+    out_f, out_a, out_s = [spec.view(obs, size, align, resample)], [spec.null_action], [spec.state(env)]
     blocked, a = False, -1
     for _ in range(frames - 1):
         a = spec.policy_step(rng, a, blocked, turn_repeat)
@@ -61,7 +61,7 @@ def record_episode(env, seed: int, episode: int, frames: int, size: int,
         blocked = spec.blocked(a, before, spec.state(env))
         if terminated or truncated:  # Breakout game over inside an episode: start a new game, keep recording
             obs, _ = env.reset(seed=env_seed + len(out_f))
-        out_f.append(spec.view(obs, size, align)), out_a.append(a), out_s.append(spec.state(env))
+        out_f.append(spec.view(obs, size, align, resample)), out_a.append(a), out_s.append(spec.state(env))
     return {"frames": np.stack(out_f), "actions": np.array(out_a, np.int64), "state": np.array(out_s, np.int64)}
 
 
@@ -106,7 +106,7 @@ def _todo(out: Path, manifest: dict[str, Any]) -> list[int]:
 
 def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: int = 0, tile: int = 4,
            size: int | None = None, shard_size: int = 64, align: str = "center", turn_repeat: float = 0.0,
-           progress: bool = True) -> Path:
+           resample: str = "area", progress: bool = True) -> Path:
     """Record (or finish recording) `episodes` episodes into `out`; returns the manifest path.
 
     Everything is checked before anything is written: the settings, the manifest already in `out` (the same
@@ -119,6 +119,10 @@ def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: 
         raise RecordError(f"unknown view alignment {align!r}; choose one of {ALIGNS}")
     if align != "center" and not isinstance(spec, MiniGrid):
         raise RecordError(f"align={align!r} places MiniGrid's padded view; {spec.name} frames are resized, not padded")
+    if resample not in RESAMPLES:
+        raise RecordError(f"unknown resampling {resample!r}; choose one of {RESAMPLES}")
+    if resample != "area" and isinstance(spec, MiniGrid):
+        raise RecordError(f"resample={resample!r} shrinks a screen; {spec.name}'s view is padded, not resized")
     if not (isinstance(turn_repeat, (int, float)) and 0 <= turn_repeat < 1):
         raise RecordError(f"turn_repeat must be a probability in [0, 1), got {turn_repeat!r}")
     if turn_repeat and not isinstance(spec, MiniGrid):
@@ -126,7 +130,7 @@ def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: 
     if (out := Path(out)).exists() and not out.is_dir():
         raise RecordError(f"--out {out} is not a folder")
     manifest = _manifest(spec, out, episodes=episodes, frames=frames, seed=seed, tile=tile, size=size,
-                         shard_size=shard_size, align=align, turn_repeat=float(turn_repeat))
+                         shard_size=shard_size, align=align, turn_repeat=float(turn_repeat), resample=resample)
     todo = _todo(out, manifest) if out.is_dir() else list(range(-(-episodes // shard_size)))
     env = spec.make(tile)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +140,7 @@ def record(env_name: str, out: str | Path, *, episodes: int, frames: int, seed: 
     bar = tqdm(total=episodes, initial=done, desc=f"record {spec.name}", unit="ep", disable=not progress)
     for i in todo:
         eps = range(i * shard_size, min((i + 1) * shard_size, episodes))
-        rec = [record_episode(env, seed, e, frames, size, spec, align, turn_repeat) for e in eps]
+        rec = [record_episode(env, seed, e, frames, size, spec, align, turn_repeat, resample) for e in eps]
         tensors = {k: torch.from_numpy(np.ascontiguousarray(np.stack([r[k] for r in rec]))) for k in SHARD_KEYS}
         tmp = out / f"shard_{i:05d}.tmp"
         save_file(tensors, str(tmp))
@@ -162,10 +166,14 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         v = manifest[k]
         if not isinstance(v, int) or isinstance(v, bool) or v < least:
             raise RecordError(f"recording manifest {path}: {k} must be an integer >= {least}, got {v!r}")
-    manifest.setdefault("align", "center")  # recordings made before `align` and `turn_repeat` existed
+    manifest.setdefault("align", "center")  # recordings made before `align`, `turn_repeat` and `resample` existed
     manifest.setdefault("turn_repeat", 0.0)
+    manifest.setdefault("resample", "area")
     if manifest["align"] not in ALIGNS:
         raise RecordError(f"recording manifest {path}: align must be one of {ALIGNS}, got {manifest['align']!r}")
+    if manifest["resample"] not in RESAMPLES:
+        raise RecordError(f"recording manifest {path}: resample must be one of {RESAMPLES}, "
+                          f"got {manifest['resample']!r}")
     return manifest
 
 
