@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--scores", required=True, help="a JSONL file whose last line holds the model's scores")
     p.add_argument("--root", default=str(pretrained.ROOT))
     p.add_argument("--start-env", default="", help="world models: record this environment's start views into "
-                   "<name>/start (at the training recording's tile, size and alignment), so play needs no recording, "
+                   "<name>/start (at the training recording's tile, size, alignment and resampling), so play needs no recording, "
                    "and store the model's regression check (eval/world/regression.py) in the manifest")
     p.add_argument("--start-episodes", type=int, default=16)
     p.add_argument("--start-seed", type=int, default=1, help="held out from training (seed 0)")
@@ -62,7 +62,8 @@ def main() -> None:
         if rec["env"] != a.start_env:
             raise SystemExit(f"the run trained on {rec['env']!r} episodes, not {a.start_env!r}")
         record(a.start_env, out / "start", episodes=a.start_episodes, frames=1, seed=a.start_seed,
-               tile=int(rec["tile"]), size=int(rec["size"]), align=rec["align"], progress=False)
+               tile=int(rec["tile"]), size=int(rec["size"]), align=rec["align"], resample=rec["resample"],
+               progress=False)
         manifest["start"] = {"env": a.start_env, "episodes": a.start_episodes, "seed": a.start_seed}
         # the regression check tests/test_pretrained.py recomputes (eval/world/regression.py)
         manifest["check"] = check_scores(load(saved), rec)

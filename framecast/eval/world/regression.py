@@ -21,14 +21,15 @@ KEYS = ("psnr", "psnr_shuffled", "delta_psnr", "layout_acc", "layout_acc_shuffle
 
 def check_scores(model: LoadedModel, recording: dict, *, episodes: int = 8, frames: int = 8, seed: int = 1) -> dict:
     """Scores of `model` on `episodes` held-out episodes of `frames` frames recorded with `seed`, at the tile and
-    size of `recording` (the training recording's manifest: env, tile, size)."""
+    size of `recording` (the training recording's manifest: env, tile, size, align, resample)."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "check"
         record(recording["env"], root, episodes=episodes, frames=frames, seed=seed, tile=int(recording["tile"]),
-               size=int(recording["size"]), align=recording.get("align", "center"), progress=False)
+               size=int(recording["size"]), align=recording.get("align", "center"),
+               resample=recording.get("resample", "area"), progress=False)
         ep = load_episodes(root)
         m = world_metrics(model, ep, None, None, loop_starts=0)
         man = read_manifest(root)
     out = {k: float(m[k]) for k in KEYS if k in m}
     return {"episodes": episodes, "frames": frames, "seed": seed, "env": man["env"], "tile": int(man["tile"]),
-            "size": int(man["size"]), "align": man["align"], "scores": out}
+            "size": int(man["size"]), "align": man["align"], "resample": man["resample"], "scores": out}
