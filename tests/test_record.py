@@ -19,6 +19,17 @@ from framecast.data.envs import (  # noqa: E402
 from framecast.errors import DataError, UserError  # noqa: E402
 
 
+def _old_manifest_resumes_and_another_setting_is_refused(env, root, key, old, new, **kw):
+    """A recording from before the manifest had `key` reads as `old` and resumes; asking it for `new` is refused."""
+    man = json.loads((root / "manifest.json").read_text())
+    del man[key]
+    (root / "manifest.json").write_text(json.dumps(man))
+    assert load_episodes(root)["manifest"][key] == old
+    record(env, root, progress=False, **kw)
+    with pytest.raises(RecordError, match=f"{key}: '{old}' there, '{new}' asked"):
+        record(env, root, progress=False, **kw, **{key: new})
+
+
 def test_record_is_deterministic_resumable_and_aligned(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     record("minigrid", a, episodes=5, frames=10, seed=3, shard_size=2, progress=False)
@@ -80,13 +91,8 @@ def test_align_tile_puts_the_view_on_the_token_grid_and_keeps_every_cell(tmp_pat
     assert torch.equal(lay_c, lay_t)
     assert not torch.equal(minigrid_layout(to_video(t["frames"]), tile=4, size=32), lay_t)  # misread as centred
     # a recording from before `align`: its manifest has no key and reads as centred; resuming it still works
-    man = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    del man["align"]
-    (tmp_path / "c" / "manifest.json").write_text(json.dumps(man))
-    assert load_episodes(tmp_path / "c")["manifest"]["align"] == "center"
-    record("minigrid", tmp_path / "c", episodes=3, frames=6, seed=2, progress=False)
-    with pytest.raises(RecordError, match="align: 'center' there, 'tile' asked"):
-        record("minigrid", tmp_path / "c", episodes=3, frames=6, seed=2, align="tile", progress=False)
+    _old_manifest_resumes_and_another_setting_is_refused("minigrid", tmp_path / "c", "align", "center", "tile",
+                                                         episodes=3, frames=6, seed=2)
     with pytest.raises(RecordError, match="unknown view alignment 'left'"):
         record("minigrid", tmp_path / "x", episodes=1, frames=2, align="left", progress=False)
     assert not (tmp_path / "x").exists()
@@ -193,13 +199,8 @@ def test_record_breakout_max_resample_manifest_and_refusals(tmp_path):
     # the paddle row: the block maximum keeps the paddle's red at full strength, the area resize dims it
     # (rows 28-29 of 32 hold the paddle; columns 2-29 leave out the side walls)
     assert m["frames"][:, :, 0, 28:30, 2:30].amax() >= 180 and a["frames"][:, :, 0, 28:30, 2:30].amax() < 100
-    man = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    del man["resample"]  # a recording from before `resample` reads as area and resumes
-    (tmp_path / "a" / "manifest.json").write_text(json.dumps(man))
-    assert load_episodes(tmp_path / "a")["manifest"]["resample"] == "area"
-    record("breakout", tmp_path / "a", episodes=2, frames=12, seed=0, progress=False)
-    with pytest.raises(RecordError, match="resample: 'area' there, 'max' asked"):
-        record("breakout", tmp_path / "a", episodes=2, frames=12, seed=0, resample="max", progress=False)
+    _old_manifest_resumes_and_another_setting_is_refused("breakout", tmp_path / "a", "resample", "area", "max",
+                                                         episodes=2, frames=12, seed=0)
     with pytest.raises(RecordError, match="unknown resampling 'nearest'"):
         record("breakout", tmp_path / "x", episodes=1, frames=2, resample="nearest", progress=False)
     with pytest.raises(RecordError, match="padded, not resized"):
