@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     from framecast.data.envs import load_episodes
     from framecast.eval import world as W
     from framecast.generate import load
+    from framecast.models.codecs import pixels_to_uint8
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ckpts", nargs="*")
@@ -56,13 +57,16 @@ def main(argv=None) -> int:
     if not band.any():
         raise SystemExit("no row holds the paddle in 90 % of the frames: not a Breakout recording this rule reads")
 
-    def mass(frames):  # [..., 3, H, W] uint8 range -> per-column red mass in the band [..., W]
-        return (redness(frames) - background).clamp(min=0)[..., band, :].sum(-2)
+    def band_mass(red):  # redness [..., H, W] -> per-column red mass in the band [..., W]
+        return (red - background).clamp(min=0)[..., band, :].sum(-2)
+
+    def mass(frames):  # uint8 frames [..., 3, H, W]
+        return band_mass(redness(frames.float()))
 
     def column(m):
         return (m * torch.arange(m.shape[-1])).sum(-1) / m.sum(-1).clamp(min=1e-6)
 
-    m_tr = mass(tr["frames"][:a.calibrate].float())
+    m_tr = band_mass(red)
     X = torch.stack([column(m_tr).flatten(), torch.ones(m_tr[..., 0].numel())], 1)
     line = torch.linalg.lstsq(X, tr["state"][:a.calibrate, :, 0].float().flatten()[:, None]).solution.flatten()
     paddle = float(m_tr.sum(-1).median())  # the red mass of one paddle
@@ -83,10 +87,10 @@ def main(argv=None) -> int:
                 "no_paddle_after": after}
 
     out = {"settings": vars(a), "band_rows": band.nonzero().flatten().tolist(), "line": line.tolist(),
-           "real frames": scores(mass(frames[:, 1:].float()))}
+           "real frames": scores(mass(frames[:, 1:]))}
     for ck in a.ckpts:
         gen = W.open_loop(load(ck), frames, actions, context=1, seed=a.seed)  # [E, F-1, 3, H, W] in [-1, 1]
-        out[ck] = scores(mass((gen.clamp(-1, 1) + 1) * 127.5))
+        out[ck] = scores(mass(pixels_to_uint8(gen)))  # as a viewer gets them
     print(f"band rows {out['band_rows']}, x = {line[0]:.2f} * column + {line[1]:.2f}")
     print("| frames | paddle x error | at h=1 | no paddle | two paddles | no paddle after " + " / ".join(names) + " |")
     print("|---|---|---|---|---|---|")
