@@ -117,9 +117,8 @@ class ObjectiveConfig:
 
 @dataclass
 class FewStepConfig:
-    """The schedule of a few-step generator (stages ode, cd, dmd; method.md §2, §7.6). Step lists use the
-    reference configs' warped convention (method.md §12.3): [1000, 500] means sigmas shift(1.0), shift(0.5) =
-    1, .8333 at shift 5."""
+    """The schedule of a few-step generator (stages ode, cd, dmd; method.md §2, §7.6). Step lists use the reference
+    configs' warped convention (method.md §12.3): [1000, 500] means sigmas shift(1.0), shift(0.5) = 1, .8333 at 5."""
 
     denoising_steps: list[int] = STEP_LIST([1000, 750, 500, 250])
     first_block_steps: list[int] = STEP_LIST_OR_EMPTY([])  # the first block's own schedule; [] = the same
@@ -154,8 +153,9 @@ class CDConfig:
 class DMDConfig:
     """Stage 3, asymmetric DMD with self-rollout (method.md §7)."""
 
-    real: str = ""  # the real score: the bidirectional base, frozen
-    critic: str = ""  # the fake score's initialisation: the bidirectional base (method.md §7.1)
+    real: str = ""  # the real score, frozen: the bidirectional base (method.md §7.1), or with score_kind causal the
+    critic: str = ""  # AR teacher; the fake score's initialisation: the same kind (docs/world_model.md, "DMD")
+    score_kind: str = one_of("bidirectional", "causal")  # causal: both scores see the rollout as clean context
     real_guidance: float = FINITE(4.0)  # u + g (c - u); the reference's x_c + 3 (x_c - x_u) is g = 4 (method.md §12.1)
     critic_ratio: int = POSITIVE(5)  # critic updates per generator update (method.md §7.5)
     critic_lr: float = FINITE_NON_NEGATIVE(4.0e-7)

@@ -276,7 +276,8 @@ def _dmd(cfg: C.RunConfig, model: Denoiser, source, roles) -> StagePlan:
                               block_size=cfg.objective.block_size, shift=cfg.flow.shift,
                               real_guidance=d.real_guidance, critic_ratio=d.critic_ratio, sigma_min=d.sigma_min,
                               sigma_max=d.sigma_max, context_sigma=d.context_sigma,
-                              num_train_timesteps=cfg.flow.num_train_timesteps)
+                              num_train_timesteps=cfg.flow.num_train_timesteps,
+                              causal_scores=d.score_kind == "causal")
     return StagePlan(objective, source, {"critic": OptimSpec(d.critic_lr, tuple(d.critic_betas),
                                                              cfg.train.weight_decay)})
 
@@ -287,6 +288,14 @@ def _fixed(kind: str) -> Callable[[C.RunConfig], str]:
 
 def _ode_teacher_kind(cfg: C.RunConfig) -> str:
     return "bidirectional" if cfg.ode.teacher_kind == "bidirectional" else "causal"
+
+
+def _dmd_score_kind(cfg: C.RunConfig) -> str:
+    return cfg.dmd.score_kind  # bidirectional (the base, method.md §7.1) | causal (the AR teacher)
+
+
+def _dmd_score_stage(cfg: C.RunConfig) -> str:
+    return "stage0" if cfg.dmd.score_kind == "bidirectional" else "stage1"
 
 
 ODE_TEACHER = Role("ode.teacher", _ode_teacher_kind,
@@ -302,6 +311,6 @@ register(Stage("cd", ("teacher_forcing",), True, _cd, LossRule("stable"), sectio
                roles=(Role("cd.teacher", _fixed("causal"), _fixed("stage1")),), needs_init=True,
                help="few-step init by causal consistency distillation"))
 register(Stage("dmd", ("teacher_forcing",), True, _dmd, LossRule("critic_stable"), section="dmd",
-               roles=(Role("dmd.real", _fixed("bidirectional"), _fixed("stage0")),
-                      Role("dmd.critic", _fixed("bidirectional"), _fixed("stage0"))),
+               roles=(Role("dmd.real", _dmd_score_kind, _dmd_score_stage),
+                      Role("dmd.critic", _dmd_score_kind, _dmd_score_stage)),
                needs_init=True, help="asymmetric DMD with self-rollout"))

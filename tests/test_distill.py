@@ -283,11 +283,11 @@ def test_cd_rejects_bad_settings():
 # ================================================================================================
 
 
-def _dmd(ratio: int = 2, first: bool = True, guidance: float = 4.0):
+def _dmd(ratio: int = 2, first: bool = True, guidance: float = 4.0, causal: bool = False):
     gen, critic, real = _model(1).train(), _model(2).train(), _model(3)
     obj = AsymmetricDMD(gen, critic, real, sigmas=TWO_STEP, first_sigmas=FOUR_STEP if first else None,
                         block_size=1, shift=SHIFT, real_guidance=guidance, critic_ratio=ratio, sigma_min=0.02,
-                        sigma_max=0.98)
+                        sigma_max=0.98, causal_scores=causal)
     return obj, gen, critic, real
 
 
@@ -364,6 +364,47 @@ def test_dmd_generator_gradient_identity():
     torch.testing.assert_close(loss.detach(), (0.5 * g.pow(2).mean()).float(), atol=1e-7, rtol=1e-4)
     assert logs["grad_norm_dmd"] == pytest.approx(g.norm().item() / 2 ** 0.5, rel=1e-4)
     assert all(p.grad is None for p in _params(critic) + _params(real))
+
+
+def test_dmd_causal_scores_see_the_rollout_as_clean_context():
+    """dmd.score_kind causal: both scores run under the teacher-forcing plan with the rollout as the clean copy,
+    so the gradient on frame i is the hand-computed one and does not depend on frames after i."""
+    obj, gen, critic, real = _dmd(guidance=4.0, causal=True)
+    b = _batch(B=2, F=3)
+    x0 = torch.randn(b.video.shape, generator=torch.Generator().manual_seed(4)) * 0.5
+    x = x0.clone().requires_grad_(True)
+    loss, _ = obj.generator_loss(x, b, torch.Generator().manual_seed(11))
+    loss.backward()
+    s, eps = _dmd_draws(obj, x, torch.Generator().manual_seed(11))
+    tf = dict(plan=AttentionPlan("teacher_forcing", 1), clean=x0)
+    with torch.no_grad():
+        xs = (1 - s)[..., None, None, None] * x0 + s[..., None, None, None] * eps
+        x_fake = critic.x0(xs, s, b.cond, **tf)
+        v_c, v_u = real.velocity(xs, s, b.cond, **tf), real.velocity(xs, s, b.null, **tf)
+        x_real = xs - s[..., None, None, None] * (v_u + 4.0 * (v_c - v_u))
+        g = (x_fake - x_real) / (x0 - x_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+        bi = critic.x0(xs, s, b.cond)  # what the bidirectional plan would have scored
+    torch.testing.assert_close(x.grad, g / x.numel(), atol=1e-9, rtol=1e-4)
+    assert not torch.allclose(bi, x_fake, atol=1e-3)  # the plan is really in use
+
+    # causality: a change to the last frame leaves the fake and real scores of the earlier frames unchanged
+    x1 = x0.clone()
+    x1[:, -1] += 1.0
+    xs1 = xs.clone()
+    xs1[:, -1] += 1.0
+    with torch.no_grad():
+        f0 = critic.x0(xs, s, b.cond, plan=tf["plan"], clean=x0)
+        f1 = critic.x0(xs1, s, b.cond, plan=tf["plan"], clean=x1)
+    torch.testing.assert_close(f0[:, :-1], f1[:, :-1], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(f0[:, -1], f1[:, -1], atol=1e-3)
+
+    # the critic learns the generator's conditionals: flow matching under the same plan
+    closs, _ = obj.critic_loss(x0, b, torch.Generator().manual_seed(2))
+    s2, eps2 = _dmd_draws(obj, x0, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        xs2 = (1 - s2)[..., None, None, None] * x0 + s2[..., None, None, None] * eps2
+        want = (critic.velocity(xs2, s2, b.cond, **tf) - (eps2 - x0)).pow(2).mean()
+    torch.testing.assert_close(closs.detach(), want, atol=1e-6, rtol=1e-5)
 
 
 def test_dmd_critic_loss_is_flow_matching_on_the_detached_rollout():
@@ -805,6 +846,23 @@ def test_dmd_resume_is_exact(tmp_path, base_ckpts):
     train_stage(b)
     for stem in ("model", "critic", "ema_model"):
         assert _equal(_sd(a.run_dir, stem), _sd(b.run_dir, stem)), stem
+
+
+def test_dmd_with_causal_scores_trains_from_the_ar_teacher(tmp_path, base_ckpts):
+    """dmd.score_kind causal loads the AR teacher as the real score and the critic's start, refuses a base."""
+    p0, p1, pcd = base_ckpts["stage0"], base_ckpts["stage1"], base_ckpts["cd"]
+    dmd = ["stage=dmd", f"init={pcd}", "dmd.score_kind=causal", "dmd.critic_ratio=2", "train.steps=2",
+           "few_step.denoising_steps=[1000,500]"]
+    path = train_stage(tiny(tmp_path, "name=a", f"dmd.real={p1}", f"dmd.critic={p1}", *dmd))
+    assert not _equal(_sd(p1), _sd(path, "critic"))  # the critic starts from the AR teacher and trains
+    assert set(_sd(path, "critic")) == set(_sd(p1))
+    for bad in (f"dmd.real={p0}", f"dmd.critic={p0}"):
+        other = f"dmd.critic={p1}" if "real" in bad else f"dmd.real={p1}"
+        with pytest.raises(C.ConfigError, match=bad.split("=")[0] + ".*causal"):
+            train_stage(tiny(tmp_path, "name=b", bad, other, *dmd))
+    assert not (tmp_path / "b").exists() or not list((tmp_path / "b").rglob("step_*"))
+    with pytest.raises(C.ConfigError, match="score_kind"):
+        tiny(tmp_path, "stage=dmd", "dmd.score_kind=ar")
 
 
 def test_distill_misconfiguration_errors_are_clear(tmp_path, base_ckpts):

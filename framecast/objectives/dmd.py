@@ -16,6 +16,14 @@ Generator loss (method.md §7.3), one sigma per video, s = clamp(shift(U{0..999}
 
 Critic loss (method.md §7.4): flow matching on the detached rollout, mean (v_fake(x_s, s) - (eps - x~))^2.
 
+Causal scores (`dmd.score_kind: causal`; docs/world_model.md, "DMD with the AR teacher as the real score"). Where
+the bidirectional base is a weak teacher (a world model whose base barely follows its actions), both scores can
+be causal networks run under the teacher-forcing plan: each noisy frame x_s[i] attends to the rollout's own clean
+frames x~[<i]. The real score is then the AR teacher's p(x_i | x_<i) and the critic learns the generator's
+p_G(x_i | x_<i), so by the chain rule of KL the gradient is the per-frame conditional term of
+KL(p_G || p) = sum_i E KL(p_G(x_i | x_<i) || p(x_i | x_<i)), with the context held fixed (its own path through later
+frames is not followed, as the self-rollout already commits the context without grad).
+
 Schedule (method.md §7.5): every step trains the critic; every `critic_ratio`-th step (step % ratio == 0) also
 trains the generator. Here both use the same rollout in a generator step (the reference draws a second
 batch for the critic), which saves one rollout per generator step on CPU. The trainer steps only the
@@ -30,6 +38,8 @@ from .. import rng
 from ..errors import ConfigError
 from .. import flow
 from ..data.batch import Batch
+from ..models.attention import AttentionPlan
+from ..models.backbone import BIDIRECTIONAL
 from ..models.denoiser import Guidance
 from ..rollout import SelfRollout, generate
 from ..sampling import few_step
@@ -44,7 +54,7 @@ class AsymmetricDMD(Objective):
 
     def __init__(self, model, critic, real, *, sigmas: Tensor, first_sigmas: Tensor | None, block_size: int,
                  shift: float, real_guidance: float, critic_ratio: int, sigma_min: float, sigma_max: float,
-                 context_sigma: float = 0.0, num_train_timesteps: int = 1000) -> None:
+                 context_sigma: float = 0.0, num_train_timesteps: int = 1000, causal_scores: bool = False) -> None:
         if critic_ratio < 1:
             raise ConfigError(f"dmd.critic_ratio must be >= 1, got {critic_ratio}")
         if not 0.0 < sigma_min < sigma_max <= 1.0:
@@ -55,6 +65,13 @@ class AsymmetricDMD(Objective):
         self.real_guidance, self.context_sigma = real_guidance, context_sigma
         self.sigma_min, self.sigma_max, self.T = sigma_min, sigma_max, num_train_timesteps
         self.roles = {"model": model, "critic": critic}
+        # how both scores see a rollout: whole (bidirectional) or frame by frame after its clean context (causal)
+        self.score_plan = AttentionPlan("teacher_forcing", block_size) if causal_scores else BIDIRECTIONAL
+
+    def _score_kw(self, x: Tensor) -> dict:
+        """The plan (and, when causal, the clean context: the rollout itself) of a real or fake score forward."""
+        causal = self.score_plan.kind == "teacher_forcing"
+        return {"plan": self.score_plan, "clean": x.detach() if causal else None}
 
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         return {"real": self.real}
@@ -89,9 +106,10 @@ class AsymmetricDMD(Objective):
     def generator_loss(self, x: Tensor, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict]:
         xs, s, _ = self._noised(x.detach(), generator)
         with torch.no_grad():
-            x_fake = self.critic.x0(xs, s, batch.cond)  # fake score: no CFG (method.md §12.1)
+            kw = self._score_kw(x)
+            x_fake = self.critic.x0(xs, s, batch.cond, **kw)  # fake score: no CFG (method.md §12.1)
             g = Guidance(self.real_guidance, batch.null) if self.real_guidance != 1.0 else None
-            x_real = self.real.x0(xs, s, batch.cond, guidance=g)
+            x_real = self.real.x0(xs, s, batch.cond, guidance=g, **kw)
             norm = (x.detach() - x_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)  # [B, 1, 1, 1, 1]
             grad = torch.nan_to_num((x_fake - x_real) / norm)
         loss = 0.5 * (x.double() - (x.detach() - grad).double()).pow(2).mean()  # float64 as the reference
@@ -99,7 +117,7 @@ class AsymmetricDMD(Objective):
 
     def critic_loss(self, x: Tensor, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict]:
         xs, s, eps = self._noised(x.detach(), generator)
-        v = self.critic.velocity(xs, s, batch.cond)
+        v = self.critic.velocity(xs, s, batch.cond, **self._score_kw(x))
         loss = (v - flow.velocity_target(x.detach(), eps)).pow(2).mean()
         return loss, {"loss": loss.item()}
 

@@ -56,14 +56,18 @@ class Profile:
     forwards: Callable[[C.RunConfig], list[Forward]] | None = None  # None: one grad forward in the stage's mode
 
 
+def _dmd_kind(c: C.RunConfig) -> str:
+    return "packed" if c.dmd.score_kind == "causal" else "bidirectional"  # causal scores: [clean rollout ; noisy]
+
+
 PROFILES: dict[str, Profile] = {
     "ode": Profile(forwards=lambda c: [Forward("model", True, "packed" if c.ode.teacher_kind == "causal" else "causal")]),
     "cd": Profile(copies=("target",), forwards=lambda c: [  # method.md §6: student, teacher Euler step, target
         Forward("model", True, "packed"), Forward("teacher", False, "packed", c.cd.guidance),
         Forward("target", False, "packed")]),
     "dmd": Profile(trained=("critic",), ema=("model",), forwards=lambda c: [  # method.md §7: in a generator step
-        Forward("model", True, "rollout"), Forward("real", False, "bidirectional", c.dmd.real_guidance),  # both
-        Forward("critic", False, "bidirectional"), Forward("critic", True, "bidirectional")]),  # graphs live
+        Forward("model", True, "rollout"), Forward("real", False, _dmd_kind(c), c.dmd.real_guidance),  # both
+        Forward("critic", False, _dmd_kind(c)), Forward("critic", True, _dmd_kind(c))]),  # graphs live
 }
 
 
