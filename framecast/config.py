@@ -154,7 +154,7 @@ class DMDConfig:
     """Stage 3, asymmetric DMD with self-rollout (method.md §7)."""
 
     real: str = ""  # the real score, frozen: the bidirectional base (method.md §7.1), or with score_kind causal the
-    critic: str = ""  # AR teacher; the fake score's initialisation: the same kind (docs/world_model.md, "DMD")
+    critic: str = ""  # AR teacher; the fake score's initialisation, of the same kind (docs/distillation.md, dmd)
     score_kind: str = one_of("bidirectional", "causal")  # causal: both scores see the rollout as clean context
     real_guidance: float = FINITE(4.0)  # u + g (c - u); the reference's x_c + 3 (x_c - x_u) is g = 4 (method.md §12.1)
     critic_ratio: int = POSITIVE(5)  # critic updates per generator update (method.md §7.5)

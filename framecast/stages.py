@@ -290,16 +290,14 @@ def _ode_teacher_kind(cfg: C.RunConfig) -> str:
     return "bidirectional" if cfg.ode.teacher_kind == "bidirectional" else "causal"
 
 
+KIND_STAGE = {"bidirectional": "stage0", "causal": "stage1"}  # the recipe stage that fills a role of that kind
+
+
 def _dmd_score_kind(cfg: C.RunConfig) -> str:
     return cfg.dmd.score_kind  # bidirectional (the base, method.md §7.1) | causal (the AR teacher)
 
 
-def _dmd_score_stage(cfg: C.RunConfig) -> str:
-    return "stage0" if cfg.dmd.score_kind == "bidirectional" else "stage1"
-
-
-ODE_TEACHER = Role("ode.teacher", _ode_teacher_kind,
-                   lambda cfg: "stage0" if cfg.ode.teacher_kind == "bidirectional" else "stage1")
+ODE_TEACHER = Role("ode.teacher", _ode_teacher_kind, lambda cfg: KIND_STAGE[_ode_teacher_kind(cfg)])
 
 register(Stage("stage0", ("bidirectional",), False, _flow_matching, LossRule("no_rise", halve_from_scratch=True),
                help="bidirectional base, flow matching"))
@@ -311,6 +309,6 @@ register(Stage("cd", ("teacher_forcing",), True, _cd, LossRule("stable"), sectio
                roles=(Role("cd.teacher", _fixed("causal"), _fixed("stage1")),), needs_init=True,
                help="few-step init by causal consistency distillation"))
 register(Stage("dmd", ("teacher_forcing",), True, _dmd, LossRule("critic_stable"), section="dmd",
-               roles=(Role("dmd.real", _dmd_score_kind, _dmd_score_stage),
-                      Role("dmd.critic", _dmd_score_kind, _dmd_score_stage)),
+               roles=tuple(Role(key, _dmd_score_kind, lambda cfg: KIND_STAGE[_dmd_score_kind(cfg)])
+                           for key in ("dmd.real", "dmd.critic")),
                needs_init=True, help="asymmetric DMD with self-rollout"))

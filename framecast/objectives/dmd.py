@@ -66,12 +66,12 @@ class AsymmetricDMD(Objective):
         self.sigma_min, self.sigma_max, self.T = sigma_min, sigma_max, num_train_timesteps
         self.roles = {"model": model, "critic": critic}
         # how both scores see a rollout: whole (bidirectional) or frame by frame after its clean context (causal)
+        self.causal_scores = causal_scores
         self.score_plan = AttentionPlan("teacher_forcing", block_size) if causal_scores else BIDIRECTIONAL
 
     def _score_kw(self, x: Tensor) -> dict:
         """The plan (and, when causal, the clean context: the rollout itself) of a real or fake score forward."""
-        causal = self.score_plan.kind == "teacher_forcing"
-        return {"plan": self.score_plan, "clean": x.detach() if causal else None}
+        return {"plan": self.score_plan, "clean": x.detach() if self.causal_scores else None}
 
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         return {"real": self.real}
