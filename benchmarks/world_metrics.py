@@ -57,6 +57,9 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loop-starts", type=int, default=32, help="start frames for loop closure (0: skip)")
     p.add_argument("--steps", type=int, default=None, help="override the sampling steps of multi-step stages")
+    p.add_argument("--denoising-steps", type=int, nargs="+", default=None, metavar="T", help="sample few-step "
+                   "stages on this step list instead of their own (e.g. 1000 500: a 4-step CD model at 2 steps; the "
+                   "first frame keeps its trained schedule)")
     p.add_argument("--window", type=int, default=-1, help="KV-cache frames of causal stages (-1: the training clip "
                    "length, as framecast play streams; 0: unbounded)")
     p.add_argument("--cache", default=None, help="IDM / probe cache (default <runs>/eval_cache)")
@@ -170,8 +173,8 @@ def write(result: dict, out: Path) -> None:
     out.with_suffix(".md").write_text(table(result))
 
 
-SAME = ("runs", "train", "eval", "episodes", "context", "seed", "loop_starts", "steps", "window", "idm_steps",
-        "probe_steps")
+SAME = ("runs", "train", "eval", "episodes", "context", "seed", "loop_starts", "steps", "denoising_steps", "window",
+        "idm_steps", "probe_steps")
 
 
 def kept(out: Path, args) -> dict:
@@ -207,16 +210,22 @@ def evaluate_stage(path: Path, ep: dict, idm, probe, args) -> dict:
     if list(spec.pixel_shape) != list(ep["frames"].shape[2:]):
         return {"skipped": f"the model makes {list(spec.pixel_shape)} frames, the recording has "
                            f"{list(ep['frames'].shape[2:])}"}
-    step, steps = ckpt.read_meta(model.path).get("step"), cfg.train.steps
+    meta = ckpt.read_meta(model.path)
+    step, steps = meta.get("step"), cfg.train.steps
+    # a converted checkpoint (a shipped package, a released model) restarts its step count at 0 but is complete
+    finished = step == steps or "converted_from" in meta
     kw = {"steps": args.steps} if args.steps and not spec.few_step else {}
+    if args.denoising_steps and spec.few_step:
+        kw["denoising_steps"] = list(args.denoising_steps)
     if spec.causal:  # stream as play does: a rolling cache of the training clip length (relative offsets
         # beyond it were never trained; docs/world_model.md, metrics long-horizon drift)
         kw["window"] = spec.stream_window(None if args.window < 0 else args.window)
     t0 = time.perf_counter()
     m = W.world_metrics(model, ep, idm, probe, context=args.context, seed=args.seed, episodes=args.episodes,
                         loop_starts=args.loop_starts, **kw)
-    return {"checkpoint": str(model.path), "step": step, "finished": step == steps, "train_steps": steps,
-            "mode": spec.mode, "sampler": spec.sampler, "sampling_steps": kw.get("steps", spec.steps),
+    n_steps = len(kw["denoising_steps"]) if "denoising_steps" in kw else kw.get("steps", spec.steps)
+    return {"checkpoint": str(model.path), "step": step, "finished": finished, "train_steps": steps,
+            "mode": spec.mode, "sampler": spec.sampler, "sampling_steps": n_steps,
             "window": kw.get("window"), "guidance": spec.guidance,
             "note": None if spec.causal else BIDIRECTIONAL_NOTE, "seconds": time.perf_counter() - t0, "metrics": m}
 

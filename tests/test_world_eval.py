@@ -197,48 +197,6 @@ def test_bidirectional_open_loop_keeps_the_context_clean(recordings, one_thread)
         W.open_loop(model, ep["frames"][:2, :4, :, :8], ep["actions"][:2, :4], context=2)
 
 
-def test_benchmark_script_writes_json_and_table(recordings, tmp_path, one_thread):
-    """benchmarks/world_metrics.py on a 2-step tiny recipe: evaluates what exists, marks the bidirectional
-    stage, skips the missing one, writes the ceiling/floor rows."""
-    import importlib.util
-
-    from framecast.recipe import run_recipe
-
-    tiny = TINY
-
-    recipe = tmp_path / "wm.yaml"
-    recipe.write_text(f"name: wm\nbase: {tiny}\nstages:\n  stage0: {{}}\n  stage1: {{}}\n")
-    over = ["data.name=episodes", f"data.path={recordings[0]}", "model.num_actions=4", "train.steps=2",
-            "train.warmup=0", "sample.steps=2"]
-    run_recipe(recipe, over, out_dir=str(tmp_path / "runs"), health_clips=0)
-    path = tiny.parents[1] / "benchmarks" / "world_metrics.py"
-    spec = importlib.util.spec_from_file_location("world_metrics_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "docs" / "wm"
-    argv = ["--runs", str(tmp_path / "runs" / "wm"), "--stages", "stage0", "stage1", "dmd_2step",
-            "--train", str(recordings[0]), "--eval", str(recordings[1]), "--episodes", "3", "--loop-starts", "2",
-            "--idm-steps", "20", "--probe-steps", "10", "--out", str(out), "--no-progress"]
-    assert bench.main(argv) == 0
-    result = json.loads(out.with_suffix(".json").read_text())
-    assert set(result["stages"]) == {"stage0", "stage1", "dmd_2step"}
-    assert "no checkpoint" in result["stages"]["dmd_2step"]["skipped"]
-    assert result["stages"]["stage0"]["note"] and result["stages"]["stage1"]["note"] is None
-    assert result["stages"]["stage1"]["finished"] and "idm_acc" in result["stages"]["stage1"]["metrics"]
-    md = out.with_suffix(".md").read_text()
-    assert "real frames (ceiling)" in md and "| stage1 | 2 |" in md and "stage0 †" in md and "dmd_2step" in md
-    # a later run of one stage with the same settings keeps the others in the table
-    assert bench.main([*argv[:3], "stage1", *argv[6:]]) == 0
-    again = json.loads(out.with_suffix(".json").read_text())
-    assert set(again["stages"]) == {"stage0", "stage1"} and again["stages"]["stage0"] == result["stages"]["stage0"]
-    # --ckpt NAME=PATH: any checkpoint (here one step folder) as its own row
-    step = sorted((tmp_path / "runs" / "wm" / "stage1" / "ckpt").glob("step_*"))[0]
-    assert bench.main([*argv[:3], "stage1", *argv[6:], "--ckpt", f"early={step}"]) == 0
-    named = json.loads(out.with_suffix(".json").read_text())
-    assert named["stages"]["early"]["checkpoint"] == str(step) and "idm_acc" in named["stages"]["early"]["metrics"]
-    assert "| early |" in out.with_suffix(".md").read_text()
-
-
 def test_minigrid_layout_rule_reads_the_true_state_from_pixels(tmp_path):
     """The colour-rule layout probe agrees with the environment: `forward` fails exactly when the rule sees no
     free cell ahead, and a successful `forward` brings the wall ahead one cell closer (or keeps it out of view)."""
