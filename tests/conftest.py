@@ -34,6 +34,20 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def recordings(tmp_path_factory):
+    """A small MiniGrid training recording (48 episodes, 336 transitions) and a held-out one (other seed), 16 px,
+    for the world-model evaluation tests."""
+    pytest.importorskip("minigrid", reason="needs the [world] extra: pip install -e '.[world]'")
+    from framecast.data.envs import record
+
+    root = tmp_path_factory.mktemp("wm_eval")
+    kw = dict(frames=8, tile=2, size=16, shard_size=16, progress=False)
+    record("minigrid", root / "train", episodes=48, seed=0, **kw)
+    record("minigrid", root / "eval", episodes=16, seed=1, **kw)
+    return root / "train", root / "eval"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

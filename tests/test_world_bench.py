@@ -2,7 +2,6 @@
 MiniGrid recording: the JSON and table it writes, rows kept across runs, named checkpoints, and few-step stages
 sampled on another step list."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,25 +9,25 @@ import pytest
 
 pytest.importorskip("minigrid", reason="needs the [world] extra: pip install -e '.[world]'")
 
-from framecast.data.envs import record  # noqa: E402
 from framecast.generate import convert  # noqa: E402
 from framecast.recipe import run_recipe  # noqa: E402
+
+from .conftest import benchmark_module  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Recordings (train 48 episodes, held-out 16, 16 px) and a tiny run with stage0, stage1 and a 4-step CD."""
+def trained(recordings, tmp_path_factory):
+    """The recordings (conftest) and a tiny run on them with stage0, stage1 and a 4-step causal CD."""
     root = tmp_path_factory.mktemp("wm_bench")
-    kw = dict(frames=8, tile=2, size=16, shard_size=16, progress=False)
-    record("minigrid", root / "train", episodes=48, seed=0, **kw)
-    record("minigrid", root / "eval", episodes=16, seed=1, **kw)
+    (root / "train").symlink_to(recordings[0])
+    (root / "eval").symlink_to(recordings[1])
     recipe = root / "wm.yaml"
     recipe.write_text(f"name: wm\nbase: {TINY}\nstages:\n  stage0: {{}}\n  stage1: {{init: '@stage0'}}\n"
                       "  cd: {init: '@stage1', cd: {teacher: '@stage1'}}\n")
-    over = ["data.name=episodes", f"data.path={root / 'train'}", "model.num_actions=4", "train.steps=2",
+    over = ["data.name=episodes", f"data.path={recordings[0]}", "model.num_actions=4", "train.steps=2",
             "train.warmup=0", "sample.steps=2"]
     run_recipe(recipe, over, out_dir=str(root / "runs"), health_clips=0)
     return root
@@ -36,10 +35,8 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("world_metrics_bench", ROOT / "benchmarks" / "world_metrics.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    with benchmark_module("world_metrics") as module:
+        yield module
 
 
 def _argv(root: Path, out: Path, *stages: str) -> list[str]:

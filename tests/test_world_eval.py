@@ -26,16 +26,6 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def recordings(tmp_path_factory):
-    """A small training recording (48 episodes, 336 transitions) and a held-out one (other seed), 16 px."""
-    root = tmp_path_factory.mktemp("wm_eval")
-    kw = dict(frames=8, tile=2, size=16, shard_size=16, progress=False)
-    record("minigrid", root / "train", episodes=48, seed=0, **kw)
-    record("minigrid", root / "eval", episodes=16, seed=1, **kw)
-    return root / "train", root / "eval"
-
-
-@pytest.fixture(scope="module")
 def idm(recordings, tmp_path_factory, one_thread):
     net, _ = W.load_or_train_idm(recordings[0], tmp_path_factory.mktemp("cache"), steps=300, batch_size=64,
                                  width=16, progress=False)
