@@ -177,6 +177,7 @@ class TrainConfig:
     warmup: int = NON_NEGATIVE(0)  # linear learning-rate warm-up steps
     lr_schedule: str = one_of("constant", "cosine")  # after warm-up: constant, or cosine decay to lr * lr_final
     lr_final: float = PROBABILITY(0.0)  # cosine only: the last step's learning rate as a fraction of lr
+    lr_hold: int = NON_NEGATIVE(0)  # cosine only: steps at the full rate after warm-up, before the decay starts
     ema_decay: float = DECAY(0.0)  # 0 disables EMA
     ema_start: int = NON_NEGATIVE(0)
     log_every: int = NON_NEGATIVE(10)  # 0 acts as 1
@@ -250,9 +251,8 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             if k == "model" and "preset" in v:  # a preset replaces the model section, then its siblings apply
                 out[k] = to_dict(model_preset(v["preset"]))
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
+            v = _merge(out[k], v)
+        out[k] = v
     return out
 
 

@@ -191,6 +191,12 @@ def test_cosine_learning_rate_schedule(tmp_path):
     assert lr_scale(int(mid), 100, 10, "cosine", 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * int(mid - 10) / 89)))
     vals = [lr_scale(s, 100, 10, "cosine", 0.0) for s in range(10, 100)]
     assert all(a >= b for a, b in zip(vals, vals[1:]))  # monotone after warm-up
+    held = [lr_scale(s, 100, 10, "cosine", 0.1, hold=40) for s in range(100)]  # warm-up, 40 steps at 1, decay
+    assert held[:10] == [lr_scale(s, 100, 10) for s in range(10)] and set(held[10:50]) == {1.0}
+    assert held[51] < 1.0 and held[99] == pytest.approx(0.1)  # the cosine runs from step 50 to the last, 99
+    assert held[74] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 24 / 49)))
+    with pytest.raises(C.ConfigError, match="lr_hold"):
+        lr_scale(0, 100, 10, "cosine", 0.1, hold=89)
     with pytest.raises(C.ConfigError, match="train.lr_schedule"):
         C.load(TINY, ["train.lr_schedule=linear"])
     ov = [f"out_dir={tmp_path}", "train.steps=6", "train.lr_schedule=cosine", "train.lr_final=0.25", "train.warmup=0"]

@@ -69,18 +69,24 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(step_seed(seed, step))
 
 
-def lr_scale(step: int, steps: int, warmup: int, schedule: str = "constant", final: float = 0.0) -> float:
+def lr_scale(step: int, steps: int, warmup: int, schedule: str = "constant", final: float = 0.0,
+             hold: int = 0) -> float:
     """The learning rate of 0-based `step` as a fraction of train.lr: linear warm-up over `warmup` steps, then
-    constant or a half cosine from 1 at the end of warm-up to `final` at the last step (Loshchilov & Hutter 2017,
-    SGDR, without restarts). A pure function of the step, so a resumed run continues the same curve."""
+    constant or, after `hold` more steps at 1, a half cosine from 1 to `final` at the last step (Loshchilov &
+    Hutter 2017, SGDR, without restarts; the hold because the MiniGrid teacher learns its turns at the full rate,
+    docs/world_model.md "One recipe"). A pure function of the step, so a resumed run continues the same curve."""
+    start = warmup + hold
+    if hold and start >= steps - 1:
+        raise ConfigError(f"train.warmup + train.lr_hold ({warmup} + {hold}) leave no steps of train.steps ({steps}) "
+                          f"for the cosine decay")
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
     if schedule != "cosine":
         raise ConfigError(f"unknown train.lr_schedule {schedule!r}; choose constant or cosine")
-    span = max(1, steps - 1 - warmup)
-    progress = min(1.0, max(0.0, (step - warmup) / span))
+    span = max(1, steps - 1 - start)
+    progress = min(1.0, max(0.0, (step - start) / span))
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -134,7 +140,7 @@ class Trainer(Checkpointing):
 
     def _set_lr(self, step: int) -> None:
         t = self.cfg.train
-        scale = lr_scale(step, t.steps, t.warmup, t.lr_schedule, t.lr_final)
+        scale = lr_scale(step, t.steps, t.warmup, t.lr_schedule, t.lr_final, t.lr_hold)
         for n, opt in self.optimizers.items():
             for g in opt.param_groups:
                 g["lr"] = self.base_lr[n] * scale
