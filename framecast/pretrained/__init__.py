@@ -36,7 +36,7 @@ REGISTRY: dict[str, str] = {
     "toy-base": "a2cb2ac4788ed01c5539f36446f74f97810a3fb4a3e55b7d46889c8ccf9edfd4",
     # the first toy base: docs/results.md's first benchmark table (2026-12-01) was measured from it
     "toy-base-v1": "ad4cb62436f3a7e1883c45a3ac6e763ee64f97f17df5f1507f95427fcc6df00f",
-    "minigrid": "a69389b4e6584385a15100c8ec02bc23cfd4ae15690b11390335031ef282184f",
+    "minigrid": "fa62f8816a19f7608f2a559729b2d69c912398737b2563f929dc873a42604573",
 }
 
 _verified: set[str] = set()
