@@ -207,6 +207,8 @@ def test_cosine_learning_rate_schedule(tmp_path):
 
     a, b = ck.load_state_dict(cos, "model"), ck.load_state_dict(const, "model")
     assert not all(torch.equal(a[k], b[k]) for k in a)  # the schedule reached the optimiser
+    held = ck.load_state_dict(train_stage(C.load(TINY, ov + ["name=h", "train.lr_hold=4"])), "model")
+    assert not any(all(torch.equal(held[k], o[k]) for k in held) for o in (a, b))  # and so did the hold
     # train.steps sets a cosine curve, so a finished cosine run is not silently continued further
     with pytest.raises(ckpt.CheckpointError, match="train.steps"):
         train_stage(C.load(TINY, ov + ["name=a", "train.steps=8"]))
