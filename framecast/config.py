@@ -193,7 +193,6 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     """Many processes under torchrun (docs/scaling.md): FSDP2 over an explicit device mesh. Ignored in one process.
-
     train.batch_size is per rank and micro-batch; the global batch is batch_size x grad_accum x world size."""
 
     mixed_precision: str = one_of("none", "bf16")  # bf16: bf16 parameters in compute, fp32 reduce, fp32 master
@@ -244,7 +243,6 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 # --- From plain data: strict for what users write, upgrading for what checkpoints stored ---
-
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in update.items():
@@ -263,14 +261,17 @@ def from_dict(data: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
 
 
 def _check_run(cfg: RunConfig) -> None:
-    """What a run about to start needs (never asked of a stored config: a GPU-trained checkpoint still samples
-    on a CPU): its device and out_dir on this machine, step lists within flow.num_train_timesteps."""
-    fs, T = cfg.few_step, cfg.flow.num_train_timesteps
+    """What a run about to start needs, checked before a recipe trains any stage (never asked of a stored config):
+    its device and out_dir on this machine, step lists within flow.num_train_timesteps, a cosine with steps to decay."""
+    fs, T, t = cfg.few_step, cfg.flow.num_train_timesteps, cfg.train
     over = next((k for k in ("denoising_steps", "first_block_steps") if max(getattr(fs, k), default=0) > T), None)
+    no_decay = t.lr_schedule == "cosine" and t.lr_hold > 0 and t.warmup + t.lr_hold >= t.steps - 1
     for key, value, problem in (("train.device", cfg.train.device, device_problem(cfg.train.device)),
                                 ("out_dir", cfg.out_dir, folder_problem(cfg.out_dir)),
                                 (f"few_step.{over}", getattr(fs, over or "denoising_steps"),
-                                 over and f"values must be <= flow.num_train_timesteps ({T})")):
+                                 over and f"values must be <= flow.num_train_timesteps ({T})"),
+                                ("train.lr_hold", t.lr_hold, no_decay and f"with train.warmup ({t.warmup}) it leaves "
+                                 f"no step of train.steps ({t.steps}) for the cosine decay")):
         if problem:
             raise ConfigError(f"config key {key!r} is {value!r}: {problem}")
 
@@ -289,7 +290,6 @@ def dump(cfg: RunConfig, path: str | Path) -> None:
 
 
 # --- Recipes: several stages sharing a base config ---
-
 
 @dataclass
 class Recipe:

@@ -195,8 +195,10 @@ def test_cosine_learning_rate_schedule(tmp_path):
     assert held[:10] == [lr_scale(s, 100, 10) for s in range(10)] and set(held[10:50]) == {1.0}
     assert held[51] < 1.0 and held[99] == pytest.approx(0.1)  # the cosine runs from step 50 to the last, 99
     assert held[74] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 24 / 49)))
-    with pytest.raises(C.ConfigError, match="lr_hold"):
-        lr_scale(0, 100, 10, "cosine", 0.1, hold=89)
+    bad_hold = ["train.steps=100", "train.warmup=10", "train.lr_hold=89", "train.lr_schedule=cosine"]
+    with pytest.raises(C.ConfigError, match="train.lr_hold.*no step of train.steps"):  # refused at load
+        C.load(TINY, bad_hold)
+    assert C.load(TINY, bad_hold[:-1]).train.lr_hold == 89  # a constant rate has no decay to leave room for
     with pytest.raises(C.ConfigError, match="train.lr_schedule"):
         C.load(TINY, ["train.lr_schedule=linear"])
     ov = [f"out_dir={tmp_path}", "train.steps=6", "train.lr_schedule=cosine", "train.lr_final=0.25", "train.warmup=0"]

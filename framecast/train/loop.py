@@ -74,17 +74,14 @@ def lr_scale(step: int, steps: int, warmup: int, schedule: str = "constant", fin
     """The learning rate of 0-based `step` as a fraction of train.lr: linear warm-up over `warmup` steps, then
     constant or, after `hold` more steps at 1, a half cosine from 1 to `final` at the last step (Loshchilov &
     Hutter 2017, SGDR, without restarts; the hold because the MiniGrid teacher learns its turns at the full rate,
-    docs/world_model.md "One recipe"). A pure function of the step, so a resumed run continues the same curve."""
-    start = warmup + hold
-    if hold and start >= steps - 1:
-        raise ConfigError(f"train.warmup + train.lr_hold ({warmup} + {hold}) leave no steps of train.steps ({steps}) "
-                          f"for the cosine decay")
+    docs/world_model.md "A held rate"). A pure function of the step, so a resumed run continues the same curve."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
     if schedule != "cosine":
         raise ConfigError(f"unknown train.lr_schedule {schedule!r}; choose constant or cosine")
+    start = warmup + hold  # config.py refuses a hold that leaves the cosine no steps
     span = max(1, steps - 1 - start)
     progress = min(1.0, max(0.0, (step - start) / span))
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
